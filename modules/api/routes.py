@@ -1,0 +1,183 @@
+"""A1111-compatible HTTP routes: JSON -> GenerationRequest -> pipeline.generate -> JSON."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+
+from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+from PIL import Image, UnidentifiedImageError
+
+from modules import metadata, pipeline, storage
+from modules.api import models as api
+from modules.jobs import Job
+from modules.request import GenerationRequest, RequestError
+from modules.sampling.registry import SAMPLERS
+from modules.sampling.schedules import SCHEDULES
+
+# override_settings keys A1111 clients use, and the request field each one sets.
+OVERRIDES = {
+    "sd_model_checkpoint": "checkpoint",
+    "CLIP_stop_at_last_layers": "clip_skip",
+    "randn_source": "noise_source",
+}
+
+
+def request_from_body(body: api.Txt2ImgBody) -> GenerationRequest:
+    fields = dict(
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt,
+        seed=body.seed,
+        sampler_name=body.sampler_name or body.sampler_index or GenerationRequest.sampler_name,
+        scheduler=body.scheduler or GenerationRequest.scheduler,
+        batch_size=body.batch_size,
+        batch_count=body.n_iter,
+        steps=body.steps,
+        cfg_scale=body.cfg_scale,
+        width=body.width,
+        height=body.height,
+    )
+    for key, value in body.override_settings.items():
+        if key in OVERRIDES:
+            fields[OVERRIDES[key]] = value
+    if isinstance(fields.get("noise_source"), str):
+        fields["noise_source"] = fields["noise_source"].upper()
+    return GenerationRequest(**fields)
+
+
+def encode_png(image: Image.Image, infotext: str | None) -> str:
+    return base64.b64encode(storage.png_bytes(image, infotext)).decode("ascii")
+
+
+def decode_image(data: str) -> Image.Image:
+    if data.startswith("data:") and "," in data:
+        data = data.split(",", 1)[1]
+    try:
+        raw = base64.b64decode(data, validate=True)
+        image = Image.open(io.BytesIO(raw))
+        image.load()
+        return image
+    except (binascii.Error, ValueError) as e:
+        raise HTTPException(422, f"image is not valid base64: {e}")
+    except (UnidentifiedImageError, OSError) as e:
+        raise HTTPException(422, f"image could not be read as a picture: {e}")
+
+
+def create_router(ctx) -> APIRouter:
+    router = APIRouter(prefix="/sdapi/v1")
+
+    @router.post("/txt2img", response_model=api.ImagesResponse)
+    def txt2img(body: api.Txt2ImgBody):
+        try:
+            request = request_from_body(body).validate()
+        except (RequestError, TypeError) as e:
+            raise HTTPException(422, str(e))
+        try:
+            result = ctx.jobs.run(Job(description="txt2img (api)"), pipeline.generate, ctx, request, save=body.save_images)
+        except LookupError as e:
+            raise HTTPException(404, str(e))
+        except ValueError as e:
+            raise HTTPException(422, str(e))
+        info = {
+            "prompt": result.request.prompt,
+            "negative_prompt": result.request.negative_prompt,
+            "seed": result.seeds[0] if result.seeds else result.request.seed,
+            "all_seeds": result.seeds,
+            "sampler_name": result.request.sampler_name,
+            "scheduler": result.request.scheduler,
+            "steps": result.request.steps,
+            "cfg_scale": result.request.cfg_scale,
+            "width": result.request.width,
+            "height": result.request.height,
+            "infotexts": result.infotexts,
+            "interrupted": result.interrupted,
+        }
+        images = [encode_png(i, t) for i, t in zip(result.images, result.infotexts)] if body.send_images else []
+        return api.ImagesResponse(images=images, parameters=body.model_dump(), info=json.dumps(info))
+
+    @router.get("/samplers", response_model=list[api.SamplerItem])
+    def samplers():
+        return [api.SamplerItem(name=s.name, aliases=list(s.aliases), options={}) for s in SAMPLERS]
+
+    @router.get("/schedulers", response_model=list[api.SchedulerItem])
+    def schedulers():
+        return [api.SchedulerItem(name=s.name, label=s.label) for s in SCHEDULES]
+
+    @router.get("/sd-models", response_model=list[api.ModelItem])
+    def sd_models():
+        return [
+            api.ModelItem(title=c.title, model_name=c.name, hash=None, sha256=None, filename=str(c.path))
+            for c in ctx.models.checkpoints()
+        ]
+
+    @router.post("/refresh-checkpoints")
+    def refresh_checkpoints():
+        return {"checkpoints": [c.title for c in ctx.models.checkpoints()]}
+
+    @router.get("/options")
+    def get_options():
+        return {"sd_model_checkpoint": ctx.models.selected, "CLIP_stop_at_last_layers": 1, "randn_source": ctx.settings.noise_source}
+
+    @router.post("/options")
+    def set_options(options: dict):
+        if "sd_model_checkpoint" in options:
+            try:
+                ctx.models.get(str(options["sd_model_checkpoint"]))
+            except LookupError as e:
+                raise HTTPException(404, str(e))
+            ctx.update_settings(sd_model_checkpoint=ctx.models.selected)
+        return get_options()
+
+    @router.get("/progress", response_model=api.ProgressResponse)
+    def progress(skip_current_image: bool = False):
+        job = ctx.jobs.current
+        running = job is not None and not job.finished
+        image = None
+        if running and job.preview is not None and not skip_current_image:
+            image = encode_png(job.preview, None)
+        return api.ProgressResponse(
+            progress=job.progress if running else 0.0,
+            eta_relative=(job.eta or 0.0) if running else 0.0,
+            state=api.ProgressState(
+                skipped=bool(running and job.skipped),
+                interrupted=bool(running and job.interrupted),
+                job=job.description if running else "",
+                job_count=1 if running else 0,
+                sampling_step=job.step if running else 0,
+                sampling_steps=job.total_steps if running else 0,
+            ),
+            current_image=image,
+            textinfo=job.status if running else None,
+        )
+
+    @router.post("/interrupt")
+    def interrupt():
+        ctx.jobs.interrupt()
+        return {}
+
+    @router.post("/skip")
+    def skip():
+        ctx.jobs.skip()
+        return {}
+
+    @router.post("/png-info", response_model=api.PngInfoResponse)
+    def png_info(body: api.PngInfoBody):
+        image = decode_image(body.image)
+        items = {k: v for k, v in image.info.items() if isinstance(v, str)}
+        text = items.pop("parameters", "")
+        prompt, negative, params = metadata.parse_infotext(text)
+        parameters = {"Prompt": prompt, "Negative prompt": negative, **params} if text else {}
+        return api.PngInfoResponse(info=text, items=items, parameters=parameters)
+
+    return router
+
+
+def install(app: FastAPI, ctx) -> None:
+    app.include_router(create_router(ctx))
+
+    @app.exception_handler(RequestError)
+    async def request_error(_: Request, error: RequestError):
+        return JSONResponse(status_code=422, content={"error": "RequestError", "detail": str(error)})

@@ -1,0 +1,139 @@
+"""Command-line flags (fixed for the life of the process) and settings (changed in the UI, saved as JSON)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Flags:
+    host: str = "127.0.0.1"
+    port: int = 7860
+    data_dir: Path = ROOT
+    ckpt: str | None = None
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    no_half: bool = False
+    no_half_vae: bool = False
+    medvram: bool = False
+    lowvram: bool = False
+    api: bool = True
+    threads: int | None = None
+
+
+def parse_flags(argv: list[str] | None = None) -> Flags:
+    p = argparse.ArgumentParser(prog="launch.py", description="Stable Diffusion web UI")
+    p.add_argument("--listen", action="store_true", help="listen on 0.0.0.0 instead of 127.0.0.1")
+    p.add_argument("--port", type=int, default=Flags.port)
+    p.add_argument("--data-dir", type=Path, default=ROOT, help="where models/, embeddings/, outputs/ and settings live")
+    p.add_argument("--ckpt", help="checkpoint to select at start (file name in models/Stable-diffusion)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--no-half", action="store_true", help="keep the model in float32 on the GPU")
+    p.add_argument("--no-half-vae", action="store_true", help="keep the VAE in float32 on the GPU")
+    p.add_argument("--medvram", action="store_true", help="keep only the part in use on the GPU")
+    p.add_argument("--lowvram", action="store_true", help="move the UNet to the GPU block by block")
+    p.add_argument("--nowebui-api-off", dest="api", action="store_false", help="do not serve /sdapi/v1")
+    p.add_argument("--threads", type=int, help="CPU threads for torch")
+    a = p.parse_args(argv)
+    return Flags(
+        host="0.0.0.0" if a.listen else "127.0.0.1",
+        port=a.port,
+        data_dir=a.data_dir.resolve(),
+        ckpt=a.ckpt,
+        device=a.device,
+        no_half=a.no_half,
+        no_half_vae=a.no_half_vae,
+        medvram=a.medvram,
+        lowvram=a.lowvram,
+        api=a.api,
+        threads=a.threads,
+    )
+
+
+@dataclass(frozen=True)
+class Paths:
+    root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "models" / "Stable-diffusion"
+
+    @property
+    def vae(self) -> Path:
+        return self.root / "models" / "VAE"
+
+    @property
+    def lora(self) -> Path:
+        return self.root / "models" / "Lora"
+
+    @property
+    def esrgan(self) -> Path:
+        return self.root / "models" / "ESRGAN"
+
+    @property
+    def embeddings(self) -> Path:
+        return self.root / "embeddings"
+
+    @property
+    def outputs(self) -> Path:
+        return self.root / "outputs"
+
+    @property
+    def settings_file(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def hash_cache(self) -> Path:
+        return self.root / "cache" / "hashes.json"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """User preferences shown on the Settings tab."""
+
+    sd_model_checkpoint: str | None = None
+    sd_vae: str = "Automatic"
+    live_preview_every: int = 5  # steps; 0 turns previews off
+    save_images: bool = True
+    noise_source: str = "CPU"
+    filename_prompt_max: int = 64
+
+    def replace(self, **changes) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+def load_settings(path: Path) -> Settings:
+    """Unknown keys are ignored and bad values fall back to defaults, so an old or hand-edited file never blocks start-up."""
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return Settings()
+    if not isinstance(raw, dict):
+        return Settings()
+    defaults = Settings()
+    values = {}
+    for f in dataclasses.fields(Settings):
+        if f.name in raw:
+            value, default = raw[f.name], getattr(defaults, f.name)
+            if default is None or isinstance(value, type(default)):
+                values[f.name] = value
+    return Settings(**values)
+
+
+def save_settings(settings: Settings, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".config-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(dataclasses.asdict(settings), f, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,32 @@
+"""AppContext: everything a request needs, built once at start and passed in (never imported as a global)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from modules.config import Flags, Paths, Settings, load_settings, save_settings
+from modules.jobs import JobQueue
+from modules.models.memory import DevicePolicy, ModelManager
+
+
+@dataclass
+class AppContext:
+    flags: Flags
+    paths: Paths
+    settings: Settings
+    models: ModelManager
+    jobs: JobQueue = field(default_factory=JobQueue)
+
+    @classmethod
+    def create(cls, flags: Flags) -> "AppContext":
+        paths = Paths(flags.data_dir)
+        for folder in (paths.checkpoints, paths.vae, paths.lora, paths.esrgan, paths.embeddings, paths.outputs):
+            folder.mkdir(parents=True, exist_ok=True)
+        settings = load_settings(paths.settings_file)
+        models = ModelManager(paths, DevicePolicy.from_flags(flags), selected=flags.ckpt or settings.sd_model_checkpoint)
+        return cls(flags=flags, paths=paths, settings=settings, models=models)
+
+    def update_settings(self, **changes) -> Settings:
+        self.settings = self.settings.replace(**changes)
+        save_settings(self.settings, self.paths.settings_file)
+        return self.settings

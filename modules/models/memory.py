@@ -1,0 +1,183 @@
+"""ModelManager: which checkpoint is loaded, on which device, in which precision, and what is offloaded.
+
+Offload modes move weights with forward hooks registered on the model's own submodules (PyTorch's
+public hook API), so the model code knows nothing about where its weights live.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from modules.config import Flags, Paths
+from modules.models import loader
+
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+VAE_SUFFIXES = (".safetensors", ".ckpt", ".pt")
+BUILTIN_PREFIX = "builtin-"
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    path: Path
+    title: str  # path relative to the checkpoint folder, as shown in the dropdown
+
+    @property
+    def name(self) -> str:
+        """What A1111 writes as 'Model:' in the infotext: the file name without its extension."""
+        return self.path.stem
+
+
+@dataclass(frozen=True)
+class DevicePolicy:
+    device: torch.device
+    dtype: torch.dtype
+    vae_dtype: torch.dtype
+    offload: str  # "none" | "medvram" | "lowvram"
+
+    @classmethod
+    def from_flags(cls, flags: Flags) -> "DevicePolicy":
+        name = flags.device
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise SystemExit(f"--device {flags.device}: no CUDA device is available on this machine")
+        on_gpu = device.type == "cuda"
+        dtype = torch.float16 if on_gpu and not flags.no_half else torch.float32
+        vae_dtype = torch.float16 if on_gpu and not (flags.no_half or flags.no_half_vae) else torch.float32
+        offload = "lowvram" if flags.lowvram and on_gpu else "medvram" if flags.medvram and on_gpu else "none"
+        return cls(device, dtype, vae_dtype, offload)
+
+
+PARTS = {
+    "text": "cond_stage_model",
+    "unet": "model",
+    "vae": "first_stage_model",
+}
+
+
+class ModelManager:
+    """Owns the one loaded SDModel; loading another checkpoint replaces it."""
+
+    def __init__(self, paths: Paths, policy: DevicePolicy, selected: str | None = None) -> None:
+        self.paths = paths
+        self.policy = policy
+        self.selected = selected
+        self._loaded = None
+        self._loaded_key: tuple | None = None
+        self._lock = threading.Lock()
+
+    # -- listing -------------------------------------------------------------------------------
+
+    def checkpoints(self) -> list[CheckpointInfo]:
+        root = self.paths.checkpoints
+        files = [p for p in root.rglob("*") if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.is_file()] if root.is_dir() else []
+        infos = [CheckpointInfo(p, p.relative_to(root).as_posix()) for p in files]
+        # The built-in model first: it is the default on a fresh clone.
+        return sorted(infos, key=lambda c: (not c.path.name.startswith(BUILTIN_PREFIX), c.title.lower()))
+
+    def vaes(self) -> list[Path]:
+        root = self.paths.vae
+        return sorted(p for p in root.rglob("*") if p.suffix.lower() in VAE_SUFFIXES and p.is_file()) if root.is_dir() else []
+
+    def vae_for(self, checkpoint: CheckpointInfo, choice: str) -> Path | None:
+        """The VAE file to use: "None" keeps the checkpoint's own, "Automatic" takes a file named like the
+        checkpoint (beside it as NAME.vae.* or in models/VAE as NAME.*), anything else names a file in models/VAE."""
+        if choice == "None":
+            return None
+        if choice == "Automatic":
+            stem = checkpoint.path.stem
+            candidates = [checkpoint.path.with_name(f"{stem}.vae{suffix}") for suffix in VAE_SUFFIXES]
+            candidates += [p for p in self.vaes() if p.stem == stem]
+            return next((p for p in candidates if p.is_file()), None)
+        for path in self.vaes():
+            if choice in (path.name, path.relative_to(self.paths.vae).as_posix()):
+                return path
+        known = ", ".join(p.name for p in self.vaes()) or "none in models/VAE"
+        raise LookupError(f"VAE {choice!r} not found. Available: Automatic, None, {known}")
+
+    def find_checkpoint(self, name: str) -> CheckpointInfo:
+        """Accepts the dropdown title, the file name, the stem, or 'title [hash]' as A1111 clients send it."""
+        wanted = name.split(" [")[0].strip()
+        for info in self.checkpoints():
+            if wanted in (info.title, info.path.name, info.name):
+                return info
+        known = ", ".join(c.title for c in self.checkpoints()) or "none: put .safetensors or .ckpt files in models/Stable-diffusion"
+        raise LookupError(f"Checkpoint {name!r} not found. Available: {known}")
+
+    def default_checkpoint(self) -> CheckpointInfo | None:
+        if self.selected:
+            with contextlib.suppress(LookupError):
+                return self.find_checkpoint(self.selected)
+        found = self.checkpoints()
+        return found[0] if found else None
+
+    def hash_of(self, info: CheckpointInfo) -> str:
+        return loader.model_hash(info.path, self.paths.hash_cache)
+
+    # -- loading -------------------------------------------------------------------------------
+
+    def get(self, name: str | None = None, vae_choice: str = "Automatic"):
+        """The SDModel for `name` (or the selected one) with the chosen VAE, loading it if it is not the one in memory."""
+        info = self.find_checkpoint(name) if name else self.default_checkpoint()
+        if info is None:
+            raise LookupError("No checkpoint found: put a .safetensors or .ckpt file in models/Stable-diffusion")
+        vae = self.vae_for(info, vae_choice)
+        key = (info.path, info.path.stat().st_mtime_ns, vae)
+        with self._lock:
+            if self._loaded_key != key:
+                self._loaded = None  # drop the old model before the new one takes its memory
+                self._loaded_key = None
+                model = loader.load_checkpoint(info.path, vae_path=vae)
+                self._place(model)
+                model.checkpoint = info
+                model.vae_file = vae
+                self._loaded, self._loaded_key = model, key
+            self.selected = info.title
+            return self._loaded
+
+    def loaded_resolution(self) -> int | None:
+        """Native resolution of the model in memory, for the UI's default width and height."""
+        model = self._loaded
+        return model.spec.resolution if model is not None else None
+
+    def unload(self) -> None:
+        with self._lock:
+            self._loaded = self._loaded_key = None
+
+    def _place(self, model) -> None:
+        policy = self.policy
+        model.to(dtype=policy.dtype)
+        model.first_stage_model.to(dtype=policy.vae_dtype)
+        if policy.offload == "none":
+            model.to(policy.device)
+        elif policy.offload == "lowvram":
+            self._stream_unet_blocks(model.model.diffusion_model)
+
+    def _stream_unet_blocks(self, unet: torch.nn.Module) -> None:
+        """Lowvram: each top-level UNet block visits the GPU only for its own forward."""
+        device = self.policy.device
+        blocks = [b for child in unet.children() for b in (child if isinstance(child, torch.nn.ModuleList) else [child])]
+        for block in blocks:
+            block.register_forward_pre_hook(lambda m, args: m.to(device))
+            block.register_forward_hook(lambda m, args, out: m.to("cpu"))
+
+    @contextlib.contextmanager
+    def using(self, model, part: str):
+        """Puts one part ("text", "unet", "vae") on the device for the duration, under medvram/lowvram."""
+        policy = self.policy
+        if policy.offload == "none" or (policy.offload == "lowvram" and part == "unet"):
+            yield
+            return
+        module = getattr(model, PARTS[part])
+        module.to(policy.device)
+        try:
+            yield
+        finally:
+            module.to("cpu")
+            torch.cuda.empty_cache()

@@ -1,0 +1,129 @@
+"""generate(ctx, request) -> Result: one txt2img job, written as the steps it takes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from modules import metadata, storage
+from modules.conditioning import encode_prompts
+from modules.context import AppContext
+from modules.jobs import Job, SamplingStopped
+from modules.request import GenerationRequest
+from modules.sampling.denoiser import CFGDenoiser, model_denoiser
+from modules.sampling.noise import image_noise
+from modules.sampling.registry import find_sampler, run_sampler
+from modules.sampling.schedules import get_sigmas
+
+
+@dataclass
+class Result:
+    request: GenerationRequest  # validated, with the seed resolved
+    images: list[Image.Image] = field(default_factory=list)
+    infotexts: list[str] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+    paths: list[Path] = field(default_factory=list)
+    interrupted: bool = False
+
+
+def latents_to_images(sd_model, latents: torch.Tensor) -> list[Image.Image]:
+    with torch.no_grad():
+        decoded = sd_model.decode_first_stage(latents)
+    pixels = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return [Image.fromarray(np.ascontiguousarray(p.permute(1, 2, 0).cpu().numpy())) for p in pixels]
+
+
+def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None, save: bool | None = None) -> Result:
+    """Runs every batch of the request; `save` None follows the user's setting."""
+    # 1. The request: validated once, seed fixed so every image can be reproduced.
+    request = request.validate().with_seed_resolved()
+    job = job or Job()
+    result = Result(request=request)
+
+    # 2. The model and what stays the same for every batch.
+    sd_model = ctx.models.get(request.checkpoint, ctx.settings.sd_vae)
+    checkpoint = sd_model.checkpoint
+    model_hash = ctx.models.hash_of(checkpoint)
+    sampler = find_sampler(request.sampler_name)
+    denoiser = model_denoiser(sd_model)
+    sigmas = get_sigmas(request.scheduler, request.steps, denoiser, sampler)
+    device = ctx.models.policy.device
+    latent_shape = (sd_model.latent_channels, request.height // sd_model.downscale, request.width // sd_model.downscale)
+    outdir = storage.dated_dir(ctx.paths.outputs, request.mode)
+    seeds = request.seeds()
+    job.total_steps = request.batch_count * request.steps
+    preview_every = ctx.settings.live_preview_every
+    save = ctx.settings.save_images if save is None else save
+
+    progress = tqdm(total=job.total_steps, desc=request.mode, unit="step", leave=False)
+    try:
+        for batch_index in range(request.batch_count):
+            if job.interrupted:
+                break
+            job.skipped = False
+            batch_seeds = seeds[batch_index * request.batch_size:(batch_index + 1) * request.batch_size]
+            job.status = f"Batch {batch_index + 1} of {request.batch_count}"
+
+            # 3. Text -> conditioning, one schedule per image (prompt editing switches at steps).
+            with ctx.models.using(sd_model, "text"), torch.no_grad():
+                conditioning = encode_prompts(
+                    sd_model,
+                    [request.prompt] * len(batch_seeds),
+                    [request.negative_prompt] * len(batch_seeds),
+                    request.steps,
+                    request.clip_skip,
+                )
+
+            # 4. Each image's starting noise from its own seed.
+            x = image_noise(batch_seeds, latent_shape, source=request.noise_source, device=device) * sigmas[0].to(device)
+
+            # 5. Sampling; the callback reports progress and is where interrupt/skip take effect.
+            cfg = CFGDenoiser(denoiser)
+            first_step = job.step
+
+            def on_step(d):
+                job.step = first_step + d["i"] + 1
+                progress.update(1)
+                if job.interrupted or job.skipped:
+                    raise SamplingStopped(d["denoised"])
+                if preview_every and (d["i"] + 1) % preview_every == 0 and d["i"] + 1 < request.steps:
+                    with ctx.models.using(sd_model, "vae"):
+                        job.preview = latents_to_images(sd_model, d["denoised"][:1])[0]
+                    job.preview_id += 1
+
+            with ctx.models.using(sd_model, "unet"), torch.no_grad():
+                try:
+                    latents = run_sampler(
+                        sampler, cfg, x, sigmas.to(device),
+                        extra_args={"conditioning": conditioning, "cond_scale": request.cfg_scale},
+                        callback=on_step, seeds=batch_seeds, noise_source=request.noise_source,
+                    )
+                except SamplingStopped as stopped:
+                    latents = stopped.latent
+                    result.interrupted = result.interrupted or job.interrupted
+
+            # 6. Latents -> pixels.
+            with ctx.models.using(sd_model, "vae"):
+                images = latents_to_images(sd_model, latents)
+
+            # 7. Infotext and PNG on disk, one per image.
+            for image, seed in zip(images, batch_seeds):
+                infotext = metadata.format_infotext(
+                    request.prompt,
+                    request.negative_prompt,
+                    metadata.infotext_params(request, seed=seed, model_hash=model_hash, model_name=checkpoint.name),
+                )
+                if save:
+                    result.paths.append(storage.save_image(image, outdir, seed=seed, prompt=request.prompt, infotext=infotext))
+                result.images.append(image)
+                result.infotexts.append(infotext)
+                result.seeds.append(seed)
+            job.step = first_step + request.steps
+    finally:
+        progress.close()
+    return result

@@ -1,0 +1,97 @@
+"""The txt2img tab: widgets -> GenerationRequest -> pipeline.generate -> gallery and infotext."""
+
+from __future__ import annotations
+
+import html
+
+import gradio as gr
+
+from modules import pipeline
+from modules.jobs import Job
+from modules.request import GenerationRequest, RequestError
+from modules.sampling.registry import SAMPLERS
+from modules.sampling.schedules import SCHEDULES
+from modules.ui.common import progress_html, run_with_progress
+
+
+def infotext_html(infotexts: list[str]) -> str:
+    return "".join(f'<pre class="infotext">{html.escape(t)}</pre>' for t in infotexts[:1])
+
+
+def build(ctx, checkpoint: gr.Dropdown) -> dict:
+    defaults = GenerationRequest()
+    with gr.Row():
+        with gr.Column(scale=4):
+            prompt = gr.Textbox(label="Prompt", lines=3, elem_id="txt2img_prompt", placeholder="Prompt (press Ctrl+Enter to generate)")
+            negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="txt2img_neg_prompt")
+        with gr.Column(scale=1, min_width=160):
+            generate = gr.Button("Generate", variant="primary", elem_id="txt2img_generate")
+            with gr.Row():
+                interrupt = gr.Button("Interrupt", elem_id="txt2img_interrupt", size="sm")
+                skip = gr.Button("Skip", elem_id="txt2img_skip", size="sm")
+    with gr.Row():
+        with gr.Column():
+            with gr.Row():
+                sampler = gr.Dropdown([s.name for s in SAMPLERS], value=defaults.sampler_name, label="Sampling method", elem_id="txt2img_sampler")
+                scheduler = gr.Dropdown([s.label for s in SCHEDULES], value=defaults.scheduler, label="Schedule type", elem_id="txt2img_scheduler")
+            steps = gr.Slider(1, 150, value=defaults.steps, step=1, label="Sampling steps", elem_id="txt2img_steps")
+            with gr.Row():
+                width = gr.Slider(64, 2048, value=defaults.width, step=8, label="Width", elem_id="txt2img_width")
+                height = gr.Slider(64, 2048, value=defaults.height, step=8, label="Height", elem_id="txt2img_height")
+            with gr.Row():
+                batch_count = gr.Slider(1, 100, value=1, step=1, label="Batch count", elem_id="txt2img_batch_count")
+                batch_size = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id="txt2img_batch_size")
+            cfg_scale = gr.Slider(1, 30, value=defaults.cfg_scale, step=0.5, label="CFG Scale", elem_id="txt2img_cfg_scale")
+            with gr.Row():
+                seed = gr.Number(value=-1, label="Seed", precision=0, elem_id="txt2img_seed")
+                random_seed = gr.Button("🎲", size="sm", min_width=40, elem_id="txt2img_random_seed")
+                reuse_seed = gr.Button("♻", size="sm", min_width=40, elem_id="txt2img_reuse_seed")
+            with gr.Accordion("Advanced", open=False):
+                clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip", elem_id="txt2img_clip_skip")
+                noise_source = gr.Radio(["CPU", "GPU"], value=ctx.settings.noise_source, label="Random number source", elem_id="txt2img_noise_source")
+        with gr.Column():
+            progress = gr.HTML(elem_id="txt2img_progress")
+            preview = gr.Image(label="Preview", visible=False, interactive=False, elem_id="txt2img_preview")
+            gallery = gr.Gallery(label="Output", columns=2, elem_id="txt2img_gallery", format="png")
+            infotext = gr.HTML(elem_id="txt2img_infotext")
+            last_seed = gr.State(-1)
+
+    inputs = [prompt, negative, sampler, scheduler, steps, cfg_scale, seed, width, height, batch_count, batch_size, clip_skip, noise_source, checkpoint]
+
+    def run(prompt, negative, sampler, scheduler, steps, cfg_scale, seed, width, height, batch_count, batch_size, clip_skip, noise_source, checkpoint):
+        try:
+            request = GenerationRequest(
+                prompt=prompt, negative_prompt=negative, sampler_name=sampler, scheduler=scheduler,
+                steps=int(steps), cfg_scale=float(cfg_scale), seed=int(seed if seed is not None else -1),
+                width=int(width), height=int(height), batch_count=int(batch_count), batch_size=int(batch_size),
+                clip_skip=int(clip_skip), noise_source=noise_source, checkpoint=checkpoint or None,
+            ).validate()
+        except (RequestError, TypeError, ValueError) as e:
+            raise gr.Error(str(e))
+        job = Job(description="txt2img")
+        for kind, payload in run_with_progress(ctx, job, pipeline.generate, request):
+            if kind == "progress":
+                job_now, new_preview = payload
+                yield {progress: progress_html(job_now)} | (
+                    {preview: gr.update(value=new_preview, visible=True)} if new_preview is not None else {}
+                )
+            else:
+                result = payload
+                shown = [str(p) for p in result.paths] if result.paths else result.images
+                yield {
+                    progress: "",
+                    preview: gr.update(value=None, visible=False),
+                    gallery: shown,
+                    infotext: infotext_html(result.infotexts),
+                    last_seed: result.seeds[0] if result.seeds else -1,
+                }
+
+    outputs = [progress, preview, gallery, infotext, last_seed]
+    generate.click(run, inputs=inputs, outputs=outputs, concurrency_limit=None)
+    prompt.submit(run, inputs=inputs, outputs=outputs, concurrency_limit=None)
+    interrupt.click(lambda: ctx.jobs.interrupt(), queue=False)
+    skip.click(lambda: ctx.jobs.skip(), queue=False)
+    random_seed.click(lambda: -1, outputs=seed, queue=False)
+    reuse_seed.click(lambda s: s, inputs=last_seed, outputs=seed, queue=False)
+    return {"width": width, "height": height, "prompt": prompt, "negative_prompt": negative, "sampler": sampler,
+            "scheduler": scheduler, "steps": steps, "cfg_scale": cfg_scale, "seed": seed}

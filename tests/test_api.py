@@ -1,0 +1,100 @@
+"""The real server on 127.0.0.1, driven over HTTP like an A1111 API client would."""
+
+import base64
+import io
+import json
+from datetime import date
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.server import running_server
+
+
+@pytest.fixture(scope="module")
+def server(tiny_data_dir):
+    with running_server(tiny_data_dir) as url:
+        yield url
+
+
+def txt2img(url, **body):
+    return httpx.post(f"{url}/sdapi/v1/txt2img", json=body, timeout=120)
+
+
+def decode(b64):
+    return Image.open(io.BytesIO(base64.b64decode(b64)))
+
+
+BASE = dict(prompt="a red circle, on blue", negative_prompt="blurry", steps=4, width=64, height=64, cfg_scale=5, sampler_name="Euler a")
+
+
+def test_txt2img_returns_images_with_parameters(server):
+    r = txt2img(server, **BASE, seed=123, batch_size=2)
+    assert r.status_code == 200, r.text
+    data = r.json()
+    info = json.loads(data["info"])
+    assert info["all_seeds"] == [123, 124]
+    images = [decode(b) for b in data["images"]]
+    assert [im.size for im in images] == [(64, 64), (64, 64)]
+    params = images[1].info["parameters"]
+    assert params.startswith("a red circle, on blue\nNegative prompt: blurry\nSteps: 4, Sampler: Euler a, ")
+    assert "Seed: 124, Size: 64x64" in params
+    assert "Model: tiny" in params
+    assert params == info["infotexts"][1]
+
+
+def test_same_seed_same_image_whatever_the_batch(server):
+    alone = decode(txt2img(server, **BASE, seed=124).json()["images"][0])
+    batched = decode(txt2img(server, **BASE, seed=123, batch_size=2).json()["images"][1])
+    assert np.array_equal(np.asarray(alone), np.asarray(batched))
+
+
+def test_saved_png_lands_in_dated_folder(server, tiny_data_dir):
+    r = txt2img(server, **BASE, seed=77, save_images=True)
+    assert r.status_code == 200, r.text
+    folder = tiny_data_dir / "outputs" / "txt2img-images" / date.today().isoformat()
+    saved = sorted(folder.glob("*-77-*.png"))
+    assert saved, list(folder.glob("*"))
+    assert Image.open(saved[-1]).info["parameters"] == json.loads(r.json()["info"])["infotexts"][0]
+
+
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        ({"width": 65}, "multiple of 8"),
+        ({"steps": 0}, "steps"),
+        ({"sampler_name": "No Such Sampler"}, "Euler a"),
+        ({"scheduler": "zigzag"}, "Karras"),
+        ({"cfg_scale": "lots"}, "cfg_scale"),
+    ],
+)
+def test_bad_requests_get_a_clear_message_and_the_server_lives_on(server, change, words):
+    r = txt2img(server, **{**BASE, **change})
+    assert r.status_code == 422
+    assert words in r.text
+    assert httpx.get(f"{server}/sdapi/v1/samplers").status_code == 200
+
+
+def test_unknown_checkpoint_is_named(server):
+    r = txt2img(server, **BASE, override_settings={"sd_model_checkpoint": "nope.safetensors"})
+    assert r.status_code == 404
+    assert "nope.safetensors" in r.text and "tiny.safetensors" in r.text
+
+
+def test_listings(server):
+    samplers = {s["name"] for s in httpx.get(f"{server}/sdapi/v1/samplers").json()}
+    assert {"Euler", "Euler a", "DPM++ 2M", "DPM++ SDE", "DDIM", "DPM adaptive"} <= samplers
+    models = httpx.get(f"{server}/sdapi/v1/sd-models").json()
+    assert [m["title"] for m in models] == ["tiny.safetensors"]
+
+
+def test_png_info_reads_back_what_we_wrote(server):
+    image = txt2img(server, **BASE, seed=5).json()["images"][0]
+    r = httpx.post(f"{server}/sdapi/v1/png-info", json={"image": image})
+    assert r.status_code == 200
+    assert r.json()["parameters"]["Seed"] == "5"
+    assert r.json()["parameters"]["Prompt"] == "a red circle, on blue"
+    bad = httpx.post(f"{server}/sdapi/v1/png-info", json={"image": base64.b64encode(b"not a picture").decode()})
+    assert bad.status_code == 422 and "could not be read" in bad.text

@@ -1,0 +1,56 @@
+"""The txt2img tab in headless Chromium: type a prompt, Generate, and check the picture and its PNG."""
+
+import io
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.server import running_server
+
+CHROMIUM = Path("/usr/bin/chromium")
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (python3 launch.py --test installs it as root)"),
+]
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@pytest.fixture(scope="module")
+def page(tiny_data_dir):
+    from playwright.sync_api import sync_playwright
+
+    with running_server(tiny_data_dir) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+        page = browser.new_page()
+        page.goto(url, wait_until="networkidle")
+        yield page
+        browser.close()
+
+
+def test_generate_shows_image_carrying_parameters(page):
+    page.locator("#txt2img_prompt textarea").fill("a green square in the corner")
+    page.locator("#txt2img_steps input[type=number]").fill("6")
+    page.locator("#txt2img_steps input[type=number]").press("Enter")
+    # The width and height follow the selected model's native resolution.
+    assert page.locator("#txt2img_width input[type=number]").input_value() == "64"
+    page.locator("#txt2img_generate").click()
+    image = page.locator("#txt2img_gallery img").first
+    image.wait_for(timeout=60_000)
+    response = page.request.get(image.get_attribute("src"))
+    assert response.ok
+    picture = Image.open(io.BytesIO(response.body()))
+    assert picture.size == (64, 64)
+    params = picture.info["parameters"]
+    assert params.startswith("a green square in the corner\nSteps: 6, Sampler: Euler a")
+    infotext = page.locator("#txt2img_infotext").inner_text()
+    assert "Steps: 6" in infotext and "Model: tiny" in infotext
+
+
+def test_bad_size_shows_a_message(page):
+    page.locator("#txt2img_prompt textarea").fill("anything")
+    page.locator("#txt2img_steps input[type=number]").fill("0")
+    page.locator("#txt2img_steps input[type=number]").press("Enter")
+    page.locator("#txt2img_generate").click()
+    assert page.get_by_text("steps must be between 1 and 150").first.wait_for(timeout=20_000) is None

@@ -1,0 +1,107 @@
+"""Builds the app: one AppContext, the Gradio tabs and the /sdapi/v1 routes on one FastAPI server."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import gradio as gr
+import torch
+import uvicorn
+from fastapi import FastAPI
+
+from modules.api import routes
+from modules.config import Flags, parse_flags
+from modules.context import AppContext
+from modules.ui import settings as settings_tab
+from modules.ui import txt2img as txt2img_tab
+from modules.ui.common import error_message
+
+log = logging.getLogger("webui")
+
+CSS = """
+.progress-bar { height: 8px; background: var(--neutral-200); border-radius: 4px; overflow: hidden; }
+.progress-fill { height: 100%; background: var(--color-accent); transition: width .3s; }
+.progress-text { font-size: 0.85em; margin-top: 4px; }
+pre.infotext { white-space: pre-wrap; font-size: 0.85em; }
+"""
+
+
+def model_resolution(ctx: AppContext, name: str | None) -> int | None:
+    """Loads the checkpoint and returns its native resolution, or None (with the reason logged) if it cannot be loaded."""
+    try:
+        return ctx.models.get(name).spec.resolution
+    except Exception as e:  # a broken file must not stop the UI from starting
+        log.error("could not load checkpoint %s: %s", name or "(default)", error_message(e))
+        return None
+
+
+def build_ui(ctx: AppContext) -> gr.Blocks:
+    default = ctx.models.default_checkpoint()
+    if default:
+        model_resolution(ctx, default.title)  # load at start, as users expect, so the first Generate is quick
+    with gr.Blocks(title="Stable Diffusion") as demo:
+        with gr.Row():
+            checkpoint = gr.Dropdown(
+                [c.title for c in ctx.models.checkpoints()],
+                value=default.title if default else None,
+                label="Stable Diffusion checkpoint",
+                elem_id="sd_checkpoint",
+                scale=4,
+            )
+            refresh = gr.Button("🔄", size="sm", min_width=40, elem_id="sd_checkpoint_refresh", scale=0)
+            model_status = gr.Markdown(elem_id="sd_checkpoint_status")
+        with gr.Tabs():
+            with gr.Tab("txt2img", id="txt2img"):
+                fields = txt2img_tab.build(ctx, checkpoint)
+            with gr.Tab("Settings", id="settings"):
+                settings_tab.build(ctx)
+
+        def on_refresh(current):
+            titles = [c.title for c in ctx.models.checkpoints()]
+            return gr.update(choices=titles, value=current if current in titles else (titles[0] if titles else None))
+
+        def on_select(name):
+            size = model_resolution(ctx, name)
+            if size is None:
+                return gr.update(), gr.update(), f"⚠ Could not load **{name}**; see the console for the reason."
+            ctx.update_settings(sd_model_checkpoint=ctx.models.selected)
+            return size, size, ""
+
+        refresh.click(on_refresh, inputs=checkpoint, outputs=checkpoint, queue=False)
+        checkpoint.input(on_select, inputs=checkpoint, outputs=[fields["width"], fields["height"], model_status])
+        def on_load():
+            size = ctx.models.loaded_resolution()
+            return (size, size) if size else (gr.update(), gr.update())
+
+        demo.load(on_load, outputs=[fields["width"], fields["height"]], queue=False)
+    return demo
+
+
+def create_app(flags: Flags) -> tuple[FastAPI, AppContext]:
+    if flags.threads:
+        torch.set_num_threads(flags.threads)
+    ctx = AppContext.create(flags)
+    app = FastAPI(title="Stable Diffusion web UI")
+    if flags.api:
+        routes.install(app, ctx)
+    demo = build_ui(ctx)
+    demo.queue(default_concurrency_limit=4)
+    app = gr.mount_gradio_app(app, demo, path="/", css=CSS, footer_links=["api"])
+    return app, ctx
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    flags = parse_flags(argv)
+    app, _ = create_app(flags)
+    print(f"Running on http://{flags.host}:{flags.port}", flush=True)
+    uvicorn.run(app, host=flags.host, port=flags.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()
