@@ -88,7 +88,7 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
 
             def on_step(d):
                 job.step = first_step + d["i"] + 1
-                progress.update(1)
+                progress.update(job.step - progress.n)
                 if job.interrupted or job.skipped:
                     raise SamplingStopped(d["denoised"])
                 if preview_every and (d["i"] + 1) % preview_every == 0 and d["i"] + 1 < request.steps:

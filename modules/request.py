@@ -10,6 +10,10 @@ import dataclasses
 import random
 from dataclasses import dataclass
 
+from modules.prompt_parser import PromptError, validate_prompt
+from modules.sampling.registry import find_sampler
+from modules.sampling.schedules import find_schedule
+
 MAX_SEED = 2**32 - 1
 MAX_SIDE = 4096
 MAX_STEPS = 150
@@ -46,9 +50,6 @@ class GenerationRequest:
 
     def validate(self) -> "GenerationRequest":
         """Returns the request with sampler/schedule names canonicalised; raises RequestError."""
-        from modules.sampling.registry import find_sampler
-        from modules.sampling.schedules import find_schedule
-
         problems = []
         for field, value, low, high in (
             ("steps", self.steps, 1, MAX_STEPS),
@@ -70,8 +71,14 @@ class GenerationRequest:
         if not isinstance(self.cfg_scale, (int, float)) or not 1.0 <= self.cfg_scale <= 30.0:
             problems.append(f"cfg_scale must be a number between 1 and 30, got {self.cfg_scale!r}")
         for field in ("prompt", "negative_prompt"):
-            if not isinstance(getattr(self, field), str):
+            text = getattr(self, field)
+            if not isinstance(text, str):
                 problems.append(f"{field} must be text")
+                continue
+            try:
+                validate_prompt(text)
+            except PromptError as e:
+                problems.append(f"{field}: {e}")
         if self.noise_source not in NOISE_SOURCES:
             problems.append(f"noise_source must be one of {', '.join(NOISE_SOURCES)}, got {self.noise_source!r}")
         sampler = scheduler = None

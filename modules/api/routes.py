@@ -100,7 +100,7 @@ def create_router(ctx) -> APIRouter:
 
     @router.get("/samplers", response_model=list[api.SamplerItem])
     def samplers():
-        return [api.SamplerItem(name=s.name, aliases=list(s.aliases), options={}) for s in SAMPLERS]
+        return [api.SamplerItem(name=s.name, aliases=list(s.aliases), options=s.options) for s in SAMPLERS]
 
     @router.get("/schedulers", response_model=list[api.SchedulerItem])
     def schedulers():

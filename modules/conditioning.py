@@ -1,0 +1,285 @@
+"""Prompts -> the text-encoder tensors the denoiser is conditioned on, the A1111 way.
+
+For each prompt (and each AND part of it, and each negative prompt):
+
+1. `prompt_parser.get_prompt_schedule` gives the text at each step (editing, alternation).
+2. Each text is split into weighted fragments (`parse_prompt_attention`), tokenized, and
+   packed into chunks of 75 tokens (`prompt_chunks`); BOS + 75 + EOS = the 77 positions CLIP
+   takes. A chunk that fills up in the middle of a phrase moves the words after the last comma
+   (if within `comma_backtrack` tokens) to the next chunk; BREAK starts a new chunk.
+3. Every chunk goes through the text encoder on its own; a text's chunks are concatenated,
+   so a 100-token prompt gives [154, hidden].
+4. Weights scale the encoder's output per token, after which the mean is put back to what it
+   was ("emphasis", A1111's Original mode). As in A1111, the mean is taken per chunk position
+   over all the texts of one prompt's schedule, which are encoded together.
+5. All tensors of the call (cond and uncond, all steps) are brought to the same length by
+   appending encoded empty-prompt chunks, so the denoiser can batch them.
+
+Identical prompts and identical chunks are encoded once per call. Textual-inversion embeddings
+belong in step 2 (a table from token sequences to vectors, placed as whole units inside one
+chunk) with the vectors handed to the text encoder; LoRA changes weights, not this module.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from modules import prompt_parser
+from modules.tokenizer import BOS_ID, EOS_ID, clip_tokenizer, tokenize
+
+CHUNK_TOKENS = 75
+CONTEXT_TOKENS = CHUNK_TOKENS + 2
+COMMA_BACKTRACK = 20  # A1111's default "Prompt word wrap length limit"
+PAD_ID = EOS_ID  # SD 1.x pads with the end token
+ENCODE_BATCH = 32  # chunks per text-encoder call
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One 77-token encoder input: BOS, 75 prompt or padding tokens, EOS; a weight per token."""
+
+    tokens: tuple[int, ...]
+    weights: tuple[float, ...]
+
+
+EMPTY_CHUNK = Chunk((BOS_ID,) + (PAD_ID,) * (CONTEXT_TOKENS - 1), (1.0,) * CONTEXT_TOKENS)
+
+
+@dataclass(frozen=True, eq=False)
+class ScheduledCond:
+    """A prompt's conditioning over the steps: entries (end_at_step, Tensor[tokens, hidden]) in
+    increasing step order; each tensor is used up to and including its end step."""
+
+    entries: tuple[tuple[int, torch.Tensor], ...]
+
+    def __post_init__(self):
+        entries = tuple((int(end), tensor) for end, tensor in self.entries)
+        if not entries:
+            raise ValueError("ScheduledCond needs at least one entry")
+        if any(a[0] >= b[0] for a, b in zip(entries, entries[1:])):
+            raise ValueError(f"ScheduledCond end steps must increase: {[e for e, _ in entries]}")
+        object.__setattr__(self, "entries", entries)
+
+    def at(self, step: int) -> torch.Tensor:
+        """The tensor for `step`: the first entry whose end_at_step >= step (the last one after
+        the schedule's end)."""
+        for end, tensor in self.entries:
+            if step <= end:
+                return tensor
+        return self.entries[-1][1]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.entries[0][1].shape
+
+
+@dataclass
+class Conditioning:
+    """Per image in the batch: the AND parts of its prompt with their weights, and the
+    conditioning of its negative prompt. All tensors have the same shape."""
+
+    cond: list[list[tuple[ScheduledCond, float]]]
+    uncond: list[ScheduledCond]
+
+
+# ----------------------------------------------------------------------------------------------
+# Text -> chunks (no model needed)
+
+
+@dataclass
+class _ChunkBuilder:
+    """Packs weighted tokens into chunks with A1111's rules; `token_count` counts a chunk
+    closed early (full or by BREAK) as 75 and the last one by what it holds."""
+
+    comma_id: int
+    comma_backtrack: int
+    chunks: list[Chunk] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)
+    last_comma: int = -1  # index in `tokens` of the chunk's last comma
+    token_count: int = 0
+
+    def add(self, token: int, weight: float) -> None:
+        if token == self.comma_id:
+            self.last_comma = len(self.tokens)
+        elif (
+            len(self.tokens) == CHUNK_TOKENS
+            and self.last_comma != -1
+            and CHUNK_TOKENS - self.last_comma <= self.comma_backtrack
+        ):
+            # Full in mid-phrase: the words after the last comma start the next chunk.
+            split = self.last_comma + 1
+            moved = self.tokens[split:], self.weights[split:]
+            del self.tokens[split:], self.weights[split:]
+            self.close()
+            self.tokens, self.weights = list(moved[0]), list(moved[1])
+        if len(self.tokens) == CHUNK_TOKENS:
+            self.close()
+        self.tokens.append(token)
+        self.weights.append(weight)
+
+    def close(self, last: bool = False) -> None:
+        self.token_count += len(self.tokens) if last else CHUNK_TOKENS
+        padding = CHUNK_TOKENS - len(self.tokens)
+        self.chunks.append(Chunk(
+            (BOS_ID, *self.tokens, *(PAD_ID,) * padding, EOS_ID),
+            (1.0, *self.weights, *(1.0,) * padding, 1.0),
+        ))
+        self.tokens, self.weights, self.last_comma = [], [], -1
+
+    def finish(self) -> list[Chunk]:
+        if self.tokens or not self.chunks:
+            self.close(last=True)
+        return self.chunks
+
+
+def _comma_id() -> int:
+    return clip_tokenizer().convert_tokens_to_ids(",</w>")
+
+
+def prompt_chunks(text: str, comma_backtrack: int = COMMA_BACKTRACK) -> tuple[list[Chunk], int]:
+    """(chunks, token count) of one prompt text after editing (attention syntax and BREAK in it)."""
+    fragments = prompt_parser.parse_prompt_attention(text)
+    words = [t for t, w in fragments if (t, w) != prompt_parser.BREAK_MARKER]
+    token_lists = iter(tokenize(words))
+    builder = _ChunkBuilder(_comma_id(), comma_backtrack)
+    for fragment in fragments:
+        if fragment == prompt_parser.BREAK_MARKER:
+            builder.close()
+            continue
+        for token in next(token_lists):
+            builder.add(token, fragment[1])
+    return builder.finish(), builder.token_count
+
+
+def token_count(prompt: str, steps: int = 20) -> int:
+    """Tokens a prompt uses, for a "n/75" counter: the most over its AND parts and steps."""
+    return max(
+        prompt_chunks(text)[1]
+        for part, _weight in prompt_parser.split_and(prompt)
+        for _end, text in prompt_parser.get_prompt_schedule(part, steps)
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Chunks -> tensors
+
+
+def _text_device(sd_model) -> torch.device:
+    param = next(sd_model.cond_stage_model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _encode_rows(sd_model, rows: list[tuple[int, ...]], clip_skip: int) -> dict[tuple[int, ...], torch.Tensor]:
+    """Raw encoder output [77, hidden] for each distinct token row."""
+    device = _text_device(sd_model)
+    out = {}
+    for start in range(0, len(rows), ENCODE_BATCH):
+        batch = rows[start:start + ENCODE_BATCH]
+        z = sd_model.encode_text(torch.tensor(batch, dtype=torch.long, device=device), clip_skip)
+        out.update(zip(batch, z))
+    return out
+
+
+def _emphasis(z: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """z [n, 77, hidden] times weights [n, 77], rescaled to keep the overall mean; row i stands
+    for counts[i] identical texts (A1111 encodes the duplicates, the mean is the same)."""
+    if bool((weights == 1).all()):
+        return z
+
+    def mean(x):
+        return (x.float().mean(dim=(1, 2)) * counts).sum() / counts.sum()
+
+    weighted = z * weights.to(z.dtype).unsqueeze(-1)
+    return weighted * (mean(z) / mean(weighted)).to(z.dtype)
+
+
+@dataclass
+class _PromptPlan:
+    """One (sub)prompt's schedule and the chunks of each distinct text in it."""
+
+    schedule: list[tuple[int, str]]
+    counts: Counter  # text -> how many schedule entries have it (alternation repeats texts)
+    chunks: dict[str, list[Chunk]]
+
+    @property
+    def n_chunks(self) -> int:
+        return max(len(c) for c in self.chunks.values())
+
+    def group(self, position: int) -> list[tuple[Chunk, int]]:
+        """The chunks at one position, a row per distinct text (the empty chunk where a text
+        is shorter), with their entry counts: the rows that are normalised together."""
+        return [(chunks[position] if position < len(chunks) else EMPTY_CHUNK, self.counts[text])
+                for text, chunks in self.chunks.items()]
+
+
+def _encode_schedules(sd_model, texts: list[str], steps: int, clip_skip: int, *, old_scheduling: bool,
+                      comma_backtrack: int) -> tuple[dict[str, list[tuple[int, torch.Tensor]]], torch.Tensor]:
+    """For each distinct (sub)prompt: [(end_at_step, Tensor[chunks*77, hidden])]; and the
+    encoded empty chunk, for padding."""
+    chunk_cache: dict[str, list[Chunk]] = {}
+    plans = {}
+    for prompt in texts:
+        schedule = prompt_parser.get_prompt_schedule(prompt, steps, old_scheduling=old_scheduling)
+        counts = Counter(text for _end, text in schedule)
+        for text in counts:
+            if text not in chunk_cache:
+                chunk_cache[text] = prompt_chunks(text, comma_backtrack)[0]
+        plans[prompt] = _PromptPlan(schedule, counts, {text: chunk_cache[text] for text in counts})
+
+    rows = dict.fromkeys([EMPTY_CHUNK.tokens] + [chunk.tokens for plan in plans.values()
+                         for position in range(plan.n_chunks) for chunk, _ in plan.group(position)])
+    raw = _encode_rows(sd_model, list(rows), clip_skip)
+
+    result = {}
+    for prompt, plan in plans.items():
+        per_text: dict[str, list[torch.Tensor]] = {text: [] for text in plan.chunks}
+        for position in range(plan.n_chunks):
+            group = plan.group(position)
+            z = torch.stack([raw[chunk.tokens] for chunk, _ in group])
+            weights = torch.tensor([chunk.weights for chunk, _ in group], device=z.device)
+            counts = torch.tensor([float(n) for _, n in group], device=z.device)
+            for text, row in zip(plan.chunks, _emphasis(z, weights, counts)):
+                per_text[text].append(row)
+        tensors = {text: torch.cat(parts) for text, parts in per_text.items()}
+        result[prompt] = [(end, tensors[text]) for end, text in plan.schedule]
+    return result, raw[EMPTY_CHUNK.tokens]
+
+
+def encode_prompts(sd_model, prompts: list[str], negative_prompts: list[str], steps: int, clip_skip: int, *,
+                   old_scheduling: bool = False, comma_backtrack: int = COMMA_BACKTRACK) -> Conditioning:
+    """Conditioning for a batch: prompts[i] and negative_prompts[i] belong to image i.
+
+    `sd_model` needs `encode_text(tokens [B, 77], clip_skip) -> [B, 77, hidden]` and a
+    `cond_stage_model` (whose parameters tell the device). `old_scheduling` selects A1111's
+    pre-1.6 reading of editing steps (see prompt_parser). Negative prompts are not split at
+    AND, as in A1111. Raises PromptError for a prompt with an unreadable attention weight."""
+    if len(prompts) != len(negative_prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts")
+    if not prompts:
+        return Conditioning(cond=[], uncond=[])
+    parts = [prompt_parser.split_and(p) for p in prompts]
+    texts = list(dict.fromkeys([t for image in parts for t, _ in image] + list(negative_prompts)))
+    encoded, empty = _encode_schedules(sd_model, texts, steps, clip_skip,
+                                       old_scheduling=old_scheduling, comma_backtrack=comma_backtrack)
+
+    longest = max(t.shape[0] for schedule in encoded.values() for _, t in schedule)
+    if any(t.shape[0] != longest for schedule in encoded.values() for _, t in schedule):
+        padded = {}  # by tensor identity: schedule entries that share a tensor keep sharing it
+
+        def pad(t):
+            if id(t) not in padded:
+                extra = (longest - t.shape[0]) // CONTEXT_TOKENS
+                padded[id(t)] = torch.cat([t, empty.to(t.dtype).repeat(extra, 1)]) if extra else t
+            return padded[id(t)]
+
+        encoded = {p: [(end, pad(t)) for end, t in schedule] for p, schedule in encoded.items()}
+
+    scheduled = {p: ScheduledCond(schedule) for p, schedule in encoded.items()}
+    return Conditioning(
+        cond=[[(scheduled[text], weight) for text, weight in image] for image in parts],
+        uncond=[scheduled[n] for n in negative_prompts],
+    )

@@ -1,0 +1,135 @@
+"""The model as k-diffusion sees it, and classifier-free guidance on top.
+
+`model_denoiser(sd_model)` turns the SD network (which predicts eps or v at a discrete timestep)
+into a k-diffusion denoiser D(x, sigma) -> x0 estimate. `CFGDenoiser` wraps that with the prompt:
+one batched model call for every image's prompt parts and negative prompt, combined as
+uncond + cond_scale * sum_i w_i * (cond_i - uncond).
+"""
+
+from __future__ import annotations
+
+import torch
+from k_diffusion.external import DiscreteEpsDDPMDenoiser, DiscreteVDDPMDenoiser
+from torch import nn
+
+
+class _FollowsInputDevice:
+    """The sigma tables are small buffers; the model may be moved between devices (offloading)
+    after the denoiser was built, so the tables follow the input rather than the other way round.
+    Only the tables move: the SD model is held as a bound method, not as a submodule."""
+
+    def forward(self, input, sigma, **kwargs):
+        if self.log_sigmas.device != input.device:
+            self.to(input.device)
+        return super().forward(input, sigma, **kwargs)
+
+
+class EpsDenoiser(_FollowsInputDevice, DiscreteEpsDDPMDenoiser):
+    """k-diffusion denoiser for an SD model that predicts the noise (SD 1.x)."""
+
+    def __init__(self, sd_model):
+        super().__init__(sd_model.apply_model, _alphas_cumprod(sd_model), quantize=False)
+
+    def get_eps(self, x, t, context, c_concat=None):
+        return self.inner_model(x, t, context=context, c_concat=c_concat)
+
+
+class VDenoiser(_FollowsInputDevice, DiscreteVDDPMDenoiser):
+    """k-diffusion denoiser for an SD model that predicts v (SD 2.x 768-v style)."""
+
+    def __init__(self, sd_model):
+        super().__init__(sd_model.apply_model, _alphas_cumprod(sd_model), quantize=False)
+
+    def get_v(self, x, t, context, c_concat=None):
+        return self.inner_model(x, t, context=context, c_concat=c_concat)
+
+
+def _alphas_cumprod(sd_model) -> torch.Tensor:
+    return sd_model.alphas_cumprod.detach().to("cpu", torch.float32)
+
+
+# By SDModel.prediction.
+DENOISERS = {"eps": EpsDenoiser, "v": VDenoiser}
+
+
+def model_denoiser(sd_model):
+    """The k-diffusion denoiser for `sd_model` (chosen by sd_model.prediction, 'eps' or 'v')."""
+    prediction = getattr(sd_model, "prediction", "eps")
+    kind = DENOISERS.get(prediction)
+    if kind is None:
+        raise ValueError(f"Unknown model prediction type {prediction!r}; expected one of: {', '.join(DENOISERS)}")
+    return kind(sd_model)
+
+
+class CFGDenoiser(nn.Module):
+    """Classifier-free guidance over a model denoiser, for a batch of images.
+
+    Called by k-diffusion samplers as `model(x, sigma, **extra_args)` with extra_args
+    `{"conditioning": Conditioning, "cond_scale": float}` (plus `c_concat` for inpainting models).
+
+    `step` picks the prompt-editing stage: conditioning tensors are `ScheduledCond.at(self.step)`.
+    It starts at 0; `registry.run_sampler` sets it to (its value at the start) + i + 1 when the
+    sampler reports step i, so evaluations for step i + 1 use that step's prompt. Set it before
+    sampling to start somewhere else (img2img starting part-way through a schedule).
+
+    `max_batch` limits how many rows go through the model at once (low memory); None: all at once.
+    """
+
+    def __init__(self, inner_model, max_batch: int | None = None):
+        super().__init__()
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.inner_model = inner_model
+        self.max_batch = max_batch
+        self.step = 0
+
+    def forward(self, x, sigma, *, conditioning, cond_scale, c_concat=None):
+        batch = x.shape[0]
+        if len(conditioning.cond) != batch or len(conditioning.uncond) != batch:
+            raise ValueError(
+                f"conditioning is for {len(conditioning.cond)} prompts and {len(conditioning.uncond)} negative "
+                f"prompts, but the batch has {batch} images"
+            )
+        # Rows of the one model batch: every image's prompt parts, then (if needed) every negative prompt.
+        rows, contexts = [], []
+        for image, parts in enumerate(conditioning.cond):
+            for cond, _weight in parts:
+                rows.append(image)
+                contexts.append(cond.at(self.step))
+        n_cond = len(rows)
+        # With scale 1 and weights summing to 1 the negative prompt cancels out: one pass fewer.
+        need_uncond = cond_scale != 1 or any(abs(sum(w for _, w in parts) - 1) > 1e-6 for parts in conditioning.cond)
+        if need_uncond:
+            rows.extend(range(batch))
+            contexts.extend(u.at(self.step) for u in conditioning.uncond)
+
+        index = torch.tensor(rows, device=x.device)
+        out = self._denoise(x[index], sigma[index], contexts, None if c_concat is None else c_concat[index])
+
+        cond_out, uncond_out = out[:n_cond], out[n_cond:]
+        denoised, row = [], 0
+        for image, parts in enumerate(conditioning.cond):
+            base = uncond_out[image] if need_uncond else torch.zeros_like(x[image])
+            result = base.clone()
+            for _cond, weight in parts:
+                result += (cond_out[row] - base) * (weight * cond_scale)
+                row += 1
+            denoised.append(result)
+        return torch.stack(denoised)
+
+    def _denoise(self, x, sigma, contexts, c_concat):
+        """Runs the model over all rows, grouping rows whose contexts have the same shape
+        (normally all of them) and splitting groups into chunks of at most max_batch rows."""
+        groups: dict[tuple, list[int]] = {}
+        for row, context in enumerate(contexts):
+            groups.setdefault(tuple(context.shape), []).append(row)
+        out = torch.empty_like(x)
+        for members in groups.values():
+            size = self.max_batch or len(members)
+            for start in range(0, len(members), size):
+                chunk = members[start:start + size]
+                sel = torch.tensor(chunk, device=x.device)
+                context = torch.stack([contexts[r] for r in chunk]).to(x.device)
+                extra = {} if c_concat is None else {"c_concat": c_concat[sel]}
+                out[sel] = self.inner_model(x[sel], sigma[sel], context=context, **extra)
+        return out

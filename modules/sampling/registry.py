@@ -1,0 +1,222 @@
+"""The sampler table: A1111's sampler names, each mapped to a k-diffusion sampling function and
+the options it needs, and `run_sampler`, which calls one with per-image seeded noise.
+
+Facts per sampler follow A1111's sd_samplers_kdiffusion: default schedule ("scheduler"),
+"second_order", "brownian_noise", "uses_ensd" (here: ancestral noise), "discard_next_to_last_sigma".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from k_diffusion import sampling as kd
+from tqdm.auto import trange
+
+from modules.sampling.noise import ancestral_noise_sampler, brownian_noise_sampler
+
+
+@torch.no_grad()
+def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=0.0, noise_sampler=None):
+    """DDIM (Song et al., 2020) in k-diffusion's form, where x = x0 + sigma * eps.
+
+    DDIM predicts x0 and eps, then re-noises x0 to the next level along the predicted eps:
+    x_next = x0 + sigma_next * eps (deterministic for eta = 0). With eta > 0 part of sigma_next
+    comes from fresh noise instead; DDIM's sigma_t, divided by sqrt(alpha_bar), is exactly
+    k-diffusion's ancestral `sigma_up`, so get_ancestral_step gives the split.
+    """
+    extra_args = {} if extra_args is None else extra_args
+    noise_sampler = kd.default_noise_sampler(x) if noise_sampler is None else noise_sampler
+    s_in = x.new_ones([x.shape[0]])
+    for i in trange(len(sigmas) - 1, disable=disable):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = model(x, sigma * s_in, **extra_args)
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
+        eps = (x - denoised) / sigma
+        sigma_down, sigma_up = kd.get_ancestral_step(sigma, sigma_next, eta=eta)
+        x = denoised + eps * sigma_down
+        if sigma_next > 0 and sigma_up > 0:
+            x = x + noise_sampler(sigma, sigma_next) * sigma_up
+    return x
+
+
+# How a sampler takes its noise levels.
+def _sigma_list(sigmas: torch.Tensor) -> dict:
+    return {"sigmas": sigmas}
+
+
+def _sigma_range(sigmas: torch.Tensor) -> dict:
+    # DPM adaptive picks its own levels between the ends of the schedule (0 is not allowed).
+    return {"sigma_min": float(sigmas[sigmas > 0].min()), "sigma_max": float(sigmas.max())}
+
+
+def _sigma_range_and_count(sigmas: torch.Tensor) -> dict:
+    # DPM fast: the same range, with one model evaluation per step of the schedule.
+    return {**_sigma_range(sigmas), "n": len(sigmas) - 1}
+
+
+def step_at(sigma, sigmas: torch.Tensor) -> int:
+    """The step of the schedule whose interval (sigmas[k], sigmas[k + 1]] holds `sigma`: k for
+    sigma == sigmas[k]. Samplers that recompute levels as exp(-(-log sigma)) are a rounding off,
+    hence the small tolerance."""
+    inner = sigmas[1:-1]
+    return int((inner >= float(sigma) * (1 - 1e-5)).sum())
+
+
+# Which noise sampler a sampler gets: (x, sigmas, seeds, source, seed_delta) -> noise_sampler.
+NOISE = {
+    "ancestral": lambda x, sigmas, seeds, source, delta: ancestral_noise_sampler(x, seeds, source, delta),
+    "brownian": lambda x, sigmas, seeds, source, delta: brownian_noise_sampler(x, sigmas, seeds, source),
+}
+
+
+@dataclass(frozen=True)
+class SamplerInfo:
+    name: str  # A1111's label, used in the UI, the API and the infotext
+    aliases: tuple[str, ...]  # A1111's API names
+    fn: Callable  # k-diffusion sampler signature: (model, x, sigmas | sigma range, extra_args, callback, disable, ...)
+    default_schedule: str  # a schedules.SCHEDULES name, used for "Automatic"
+    noise: str | None = None  # None, "ancestral" (fresh noise each step) or "brownian" (SDE)
+    second_order: bool = False  # two model evaluations per step
+    discard_penultimate_sigma: bool = False  # schedule made for steps + 1, next-to-last level dropped
+    sigma_args: Callable[[torch.Tensor], dict] = _sigma_list
+    own_levels: bool = False  # picks its own levels between the schedule's ends (DPM fast / adaptive)
+    kwargs: tuple[tuple[str, Any], ...] = ()  # fixed extra keyword arguments for fn
+
+    @property
+    def ancestral(self) -> bool:
+        return self.noise == "ancestral"
+
+    @property
+    def brownian(self) -> bool:
+        return self.noise == "brownian"
+
+    @property
+    def options(self) -> dict[str, str]:
+        """A1111's /sdapi/v1/samplers "options" for this sampler."""
+        flags = {
+            "scheduler": self.default_schedule if self.default_schedule != "uniform" else None,
+            "second_order": self.second_order,
+            "brownian_noise": self.brownian,
+            "uses_ensd": self.ancestral,
+            "discard_next_to_last_sigma": self.discard_penultimate_sigma,
+        }
+        return {key: str(value) for key, value in flags.items() if value}
+
+    def model_calls(self, steps: int) -> int:
+        """Roughly how many model evaluations `steps` steps take (for time estimates)."""
+        return steps * 2 if self.second_order else steps
+
+
+# A1111's defaults: ancestral-noise samplers and DPM fast / adaptive run with eta 1
+# (its "eta for ancestral samplers" setting), the others are deterministic ODE solvers.
+SAMPLERS: tuple[SamplerInfo, ...] = (
+    SamplerInfo("DPM++ 2M", ("k_dpmpp_2m",), kd.sample_dpmpp_2m, "karras"),
+    SamplerInfo("DPM++ SDE", ("k_dpmpp_sde",), kd.sample_dpmpp_sde, "karras", noise="brownian", second_order=True),
+    SamplerInfo("DPM++ 2M SDE", ("k_dpmpp_2m_sde",), kd.sample_dpmpp_2m_sde, "exponential", noise="brownian"),
+    SamplerInfo("DPM++ 2S a", ("k_dpmpp_2s_a",), kd.sample_dpmpp_2s_ancestral, "karras", noise="ancestral", second_order=True),
+    SamplerInfo(
+        "DPM++ 3M SDE", ("k_dpmpp_3m_sde",), kd.sample_dpmpp_3m_sde, "exponential",
+        noise="brownian", discard_penultimate_sigma=True,
+    ),
+    SamplerInfo("Euler a", ("k_euler_a", "k_euler_ancestral"), kd.sample_euler_ancestral, "uniform", noise="ancestral"),
+    SamplerInfo("Euler", ("k_euler",), kd.sample_euler, "uniform"),
+    SamplerInfo("LMS", ("k_lms",), kd.sample_lms, "uniform"),
+    SamplerInfo("Heun", ("k_heun",), kd.sample_heun, "uniform", second_order=True),
+    SamplerInfo("DPM2", ("k_dpm_2",), kd.sample_dpm_2, "karras", second_order=True, discard_penultimate_sigma=True),
+    SamplerInfo(
+        "DPM2 a", ("k_dpm_2_a",), kd.sample_dpm_2_ancestral, "karras",
+        noise="ancestral", second_order=True, discard_penultimate_sigma=True,
+    ),
+    SamplerInfo(
+        "DPM fast", ("k_dpm_fast",), kd.sample_dpm_fast, "uniform", noise="ancestral",
+        sigma_args=_sigma_range_and_count, own_levels=True, kwargs=(("eta", 1.0),),
+    ),
+    SamplerInfo(
+        "DPM adaptive", ("k_dpm_ad",), kd.sample_dpm_adaptive, "uniform", noise="ancestral",
+        sigma_args=_sigma_range, own_levels=True, kwargs=(("eta", 1.0),),
+    ),
+    SamplerInfo("DDIM", ("ddim",), sample_ddim, "ddim"),
+)
+
+_BY_NAME = {key.lower(): s for s in SAMPLERS for key in (s.name, *s.aliases)}
+
+
+def find_sampler(name: str) -> SamplerInfo:
+    """A sampler by its name or an A1111 API alias, any case."""
+    found = _BY_NAME.get(str(name).strip().lower())
+    if found is None:
+        raise ValueError(f"Unknown sampler {name!r}; choose one of: {', '.join(s.name for s in SAMPLERS)}")
+    return found
+
+
+def find_sampler_and_schedule(sampler_name: str, schedule_name: str | None = None):
+    """(SamplerInfo, Schedule) for names that may be in A1111's older combined form, where the
+    schedule was part of the sampler name ("DPM++ 2M Karras" = DPM++ 2M with the Karras schedule).
+    A schedule named in the sampler name wins over `schedule_name`."""
+    from modules.sampling.schedules import SCHEDULES, find_schedule
+
+    name = str(sampler_name).strip()
+    if name.lower() not in _BY_NAME:
+        for schedule in SCHEDULES:
+            for suffix in (schedule.label, *schedule.aliases):
+                head = name[: -len(suffix)].rstrip()
+                if name.lower().endswith(" " + suffix.lower()) and head.lower() in _BY_NAME:
+                    return find_sampler(head), schedule
+    return find_sampler(name), find_schedule(schedule_name)
+
+
+def run_sampler(
+    info: SamplerInfo,
+    denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    *,
+    extra_args: dict | None = None,
+    callback: Callable[[dict], None] | None = None,
+    seeds: Sequence[int],
+    noise_source: str = "cpu",
+    noise_seed_delta: int = 0,
+) -> torch.Tensor:
+    """Runs `info`'s sampler from x (noise already scaled to sigmas[0]) down the levels `sigmas`.
+
+    `callback(d)` gets k-diffusion's dict ("x", "i", "sigma", "denoised", ...) once per step, with
+    "i" the 0-based index of the step in `sigmas`. Before it is called, `denoiser.step` (when the
+    denoiser has one, as CFGDenoiser does) becomes its value at the start + i + 1, so the next
+    step's evaluations use the next step's prompt. DPM fast / adaptive take steps of their own:
+    for them "i" is the step of the schedule that the reported sigma falls in (see `step_at`,
+    so "i" may skip or repeat), and `denoiser.step` is set before every model evaluation from
+    the sigma it is made at. An exception raised by the callback (interrupt, skip) stops sampling
+    and propagates unchanged.
+
+    `seeds` (one per image) and `noise_source` ('cpu' / 'gpu') seed the noise that ancestral and
+    SDE samplers add during sampling; `noise_seed_delta` is A1111's "eta noise seed delta".
+    """
+    if len(seeds) != x.shape[0]:
+        raise ValueError(f"{len(seeds)} seeds for a batch of {x.shape[0]} images")
+    if len(sigmas) < 2:
+        raise ValueError("sigmas must hold at least two noise levels")
+    kwargs = dict(info.kwargs)
+    kwargs.update(info.sigma_args(sigmas))
+    if info.noise is not None:
+        kwargs["noise_sampler"] = NOISE[info.noise](x, sigmas, seeds, noise_source, noise_seed_delta)
+
+    first_step = getattr(denoiser, "step", None)
+    model = denoiser
+    if info.own_levels and first_step is not None:
+
+        def model(latent, sigma, **model_args):
+            denoiser.step = first_step + step_at(sigma.max(), sigmas)
+            return denoiser(latent, sigma, **model_args)
+
+    def on_step(d: dict) -> None:
+        i = step_at(d["sigma"], sigmas) if info.own_levels else int(d["i"])
+        if first_step is not None:
+            denoiser.step = first_step + i + 1
+        if callback is not None:
+            callback({**d, "i": i})
+
+    return info.fn(model, x, extra_args=extra_args or {}, callback=on_step, disable=True, **kwargs)
