@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +40,40 @@ def latents_to_images(sd_model, latents: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(p.permute(1, 2, 0).cpu().numpy())) for p in pixels]
 
 
+def _no_offload(part: str):
+    return contextlib.nullcontext()
+
+
+def sample_latents(sd_model, request: GenerationRequest, seeds: list[int], *, device=None,
+                   using: Callable[[str], contextlib.AbstractContextManager] = _no_offload,
+                   callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+    """Steps 3-5 for one batch (one image per seed): conditioning, seeded noise, sampling.
+    `using(part)` puts a part of the model on the device while it works (offload modes);
+    `callback` sees k-diffusion's dict after each step and may raise SamplingStopped."""
+    device = device or torch.device("cpu")
+    sampler = find_sampler(request.sampler_name)
+    denoiser = model_denoiser(sd_model)
+    sigmas = get_sigmas(request.scheduler, request.steps, denoiser, sampler).to(device)
+    latent_shape = (sd_model.latent_channels, request.height // sd_model.downscale, request.width // sd_model.downscale)
+
+    # 3. Text -> conditioning, one schedule per image (prompt editing switches at steps).
+    with using("text"), torch.no_grad():
+        conditioning = encode_prompts(
+            sd_model, [request.prompt] * len(seeds), [request.negative_prompt] * len(seeds), request.steps, request.clip_skip
+        )
+
+    # 4. Each image's starting noise from its own seed.
+    x = image_noise(seeds, latent_shape, source=request.noise_source, device=device) * sigmas[0]
+
+    # 5. Sampling; the callback reports progress and is where interrupt/skip take effect.
+    with using("unet"), torch.no_grad():
+        return run_sampler(
+            sampler, CFGDenoiser(denoiser), x, sigmas,
+            extra_args={"conditioning": conditioning, "cond_scale": request.cfg_scale},
+            callback=callback, seeds=seeds, noise_source=request.noise_source,
+        )
+
+
 def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None, save: bool | None = None) -> Result:
     """Runs every batch of the request; `save` None follows the user's setting."""
     # 1. The request: validated once, seed fixed so every image can be reproduced.
@@ -49,16 +85,14 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
     sd_model = ctx.models.get(request.checkpoint, ctx.settings.sd_vae)
     checkpoint = sd_model.checkpoint
     model_hash = ctx.models.hash_of(checkpoint)
-    sampler = find_sampler(request.sampler_name)
-    denoiser = model_denoiser(sd_model)
-    sigmas = get_sigmas(request.scheduler, request.steps, denoiser, sampler)
-    device = ctx.models.policy.device
-    latent_shape = (sd_model.latent_channels, request.height // sd_model.downscale, request.width // sd_model.downscale)
     outdir = storage.dated_dir(ctx.paths.outputs, request.mode)
     seeds = request.seeds()
     job.total_steps = request.batch_count * request.steps
     preview_every = ctx.settings.live_preview_every
     save = ctx.settings.save_images if save is None else save
+
+    def using(part: str):
+        return ctx.models.using(sd_model, part)
 
     progress = tqdm(total=job.total_steps, desc=request.mode, unit="step", leave=False)
     try:
@@ -68,22 +102,6 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
             job.skipped = False
             batch_seeds = seeds[batch_index * request.batch_size:(batch_index + 1) * request.batch_size]
             job.status = f"Batch {batch_index + 1} of {request.batch_count}"
-
-            # 3. Text -> conditioning, one schedule per image (prompt editing switches at steps).
-            with ctx.models.using(sd_model, "text"), torch.no_grad():
-                conditioning = encode_prompts(
-                    sd_model,
-                    [request.prompt] * len(batch_seeds),
-                    [request.negative_prompt] * len(batch_seeds),
-                    request.steps,
-                    request.clip_skip,
-                )
-
-            # 4. Each image's starting noise from its own seed.
-            x = image_noise(batch_seeds, latent_shape, source=request.noise_source, device=device) * sigmas[0].to(device)
-
-            # 5. Sampling; the callback reports progress and is where interrupt/skip take effect.
-            cfg = CFGDenoiser(denoiser)
             first_step = job.step
 
             def on_step(d):
@@ -92,23 +110,20 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
                 if job.interrupted or job.skipped:
                     raise SamplingStopped(d["denoised"])
                 if preview_every and (d["i"] + 1) % preview_every == 0 and d["i"] + 1 < request.steps:
-                    with ctx.models.using(sd_model, "vae"):
+                    with using("vae"):
                         job.preview = latents_to_images(sd_model, d["denoised"][:1])[0]
                     job.preview_id += 1
 
-            with ctx.models.using(sd_model, "unet"), torch.no_grad():
-                try:
-                    latents = run_sampler(
-                        sampler, cfg, x, sigmas.to(device),
-                        extra_args={"conditioning": conditioning, "cond_scale": request.cfg_scale},
-                        callback=on_step, seeds=batch_seeds, noise_source=request.noise_source,
-                    )
-                except SamplingStopped as stopped:
-                    latents = stopped.latent
-                    result.interrupted = result.interrupted or job.interrupted
+            # 3-5. Conditioning, noise, sampling.
+            try:
+                latents = sample_latents(sd_model, request, batch_seeds, device=ctx.models.policy.device,
+                                         using=using, callback=on_step)
+            except SamplingStopped as stopped:
+                latents = stopped.latent
+                result.interrupted = result.interrupted or job.interrupted
 
             # 6. Latents -> pixels.
-            with ctx.models.using(sd_model, "vae"):
+            with using("vae"):
                 images = latents_to_images(sd_model, latents)
 
             # 7. Infotext and PNG on disk, one per image.

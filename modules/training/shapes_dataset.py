@@ -200,3 +200,79 @@ def held_out_scenes(n: int, seed: int) -> list[Scene]:
     """n single-shape scenes whose (colour, shape) pair never occurs in training."""
     rng = random.Random(seed)
     return [sample_scene(rng, only_held_out=True) for _ in range(n)]
+
+
+# ---- Reading a picture back: the attributes of a single-shape picture, for scoring ----
+
+def nearest_colour(rgb) -> str:
+    rgb = np.asarray(rgb, dtype=np.float32)
+    return min(COLOURS, key=lambda name: float(np.sum((np.float32(COLOURS[name]) - rgb) ** 2)))
+
+
+def _polygon_area(points) -> float:
+    x, y = np.asarray(points, dtype=np.float64).T
+    return 0.5 * abs(float(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))))
+
+
+# Area of each shape drawn with a bounding-box side of 1, to turn a measured area into a size.
+_UNIT_AREA = {shape: (np.pi / 4 if shape == "circle" else _polygon_area(_outline(shape, 0, 0, 1)))
+              for shape in SHAPES}
+_SIZE_THRESHOLD = float(np.sqrt(SIZES["small"] * SIZES["large"]))
+MIN_COLOUR_DISTANCE = 60.0  # a pixel this far (RGB) from the background belongs to a shape
+
+
+def _classify_shape(extent: float, solidity: float) -> str:
+    # A star is the only concave shape; among convex ones the bounding box is filled by
+    # a square (~1), a circle (pi/4) and an upright triangle (~1/2).
+    if solidity < 0.8:
+        return "star"
+    if extent > 0.9:
+        return "square"
+    if extent > 0.64:
+        return "circle"
+    return "triangle"
+
+
+def _position_name(x: float, y: float) -> str:
+    col = "left" if x < 1 / 3 else "right" if x > 2 / 3 else ""
+    row = "top" if y < 1 / 3 else "bottom" if y > 2 / 3 else ""
+    return f"{row} {col}".strip() or "center"
+
+
+def read_scene(image: np.ndarray) -> dict[str, str | None]:
+    """Background, colour, shape, position and size of the largest shape in an RGB uint8 picture.
+
+    Values are names from this module's tables; everything but the background is None when no
+    shape stands out from the background.
+    """
+    from skimage import measure
+
+    pixels = np.asarray(image, dtype=np.float32)
+    border = np.concatenate([pixels[:2].reshape(-1, 3), pixels[-2:].reshape(-1, 3),
+                             pixels[:, :2].reshape(-1, 3), pixels[:, -2:].reshape(-1, 3)])
+    background_rgb = np.median(border, axis=0)
+    result: dict[str, str | None] = {"background": nearest_colour(background_rgb), "colour": None,
+                                     "shape": None, "position": None, "size": None}
+    mask = np.linalg.norm(pixels - background_rgb, axis=-1) > MIN_COLOUR_DISTANCE
+    labels = measure.label(mask, connectivity=2)
+    if labels.max() == 0:
+        return result
+    region = max(measure.regionprops(labels), key=lambda r: r.area)
+    if region.area < 4:
+        return result
+    inside = labels == region.label
+    h, w = mask.shape
+    y, x = region.centroid
+    shape = _classify_shape(float(region.extent), float(region.solidity))
+    side = np.sqrt(region.area / _UNIT_AREA[shape]) / max(h, w)
+    result.update(colour=nearest_colour(np.median(pixels[inside], axis=0)), shape=shape,
+                  position=_position_name(x / w, y / h),
+                  size="large" if side > _SIZE_THRESHOLD else "small")
+    return result
+
+
+def scene_attributes(scene: Scene) -> dict[str, str]:
+    """The attributes `read_scene` should find in a single-shape scene."""
+    s = scene.shapes[0]
+    return {"background": scene.background, "colour": s.colour, "shape": s.shape,
+            "position": s.position, "size": s.size}

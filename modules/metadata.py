@@ -1,0 +1,224 @@
+"""Infotext: the A1111 "parameters" text stored in every PNG, and its way back to a request.
+
+The text is three parts, as A1111 writes and reads it:
+
+    a photo of a cat                      prompt, any number of lines
+    Negative prompt: blurry               only when there is a negative prompt, may go on for lines
+    Steps: 20, Sampler: DPM++ 2M, ...     one line of "key: value" pairs, always the last
+
+Formatting and parsing are plain functions of text. The sampler table (which pulls in torch
+through k-diffusion) is imported only by the two functions that need it, so reading an image's
+parameters does not load torch.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from modules.request import GenerationRequest
+
+NEGATIVE_PREFIX = "Negative prompt:"
+
+# One "key: value" pair of the parameters line. Keys start with a word character and go on with
+# word characters, spaces, '-' and '/'; a value is either a JSON string (which may hold commas)
+# or runs up to the next comma. A1111 reads the same grammar, so both recognise the same lines.
+# Keys are bounded in length (A1111's longest are ~25 characters) so that a long line without a
+# colon is scanned in linear, not quadratic, time.
+_PAIR = re.compile(
+    r"""
+    (?P<key> \w [\w\ \-/]{1,63} ) : \s*
+    (?P<value> " (?: \\. | [^\\"] )+ " | [^,]* )
+    (?: , | $ )
+    """,
+    re.VERBOSE,
+)
+# A1111 takes the last line as parameters only when it holds at least this many pairs, so that a
+# prompt line with a stray "word: word" stays part of the prompt.
+_MIN_PAIRS = 3
+_SIZE = re.compile(r"^(\d+)x(\d+)$")
+_NEEDS_QUOTES = (",", ":", "\n")
+
+
+def _format_value(value: object) -> str:
+    """A1111's look for numbers: 7.0 is written "7", 7.5 stays "7.5"."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def quote(value: str) -> str:
+    """JSON-quoted when the value would otherwise break the "key: value, ..." line."""
+    if any(mark in value for mark in _NEEDS_QUOTES):
+        return json.dumps(value, ensure_ascii=False)
+    return value
+
+
+def unquote(value: str) -> str:
+    if len(value) < 2 or value[0] != '"' or value[-1] != '"':
+        return value
+    try:
+        decoded = json.loads(value)
+    except ValueError:
+        return value
+    return decoded if isinstance(decoded, str) else value
+
+
+def _schedule_label(request: GenerationRequest) -> str:
+    """The schedule actually used, as A1111 records it: "Automatic" resolves to the sampler's own
+    default schedule (DPM++ 2M -> Karras) and stays "Automatic" only for samplers that run on the
+    model's plain levels."""
+    from modules.sampling.registry import find_sampler
+    from modules.sampling.schedules import find_schedule
+
+    try:
+        schedule = find_schedule(request.scheduler)
+        if schedule.fn is not None:
+            return schedule.label
+        default = find_sampler(request.sampler_name).options.get("scheduler")
+    except ValueError:
+        return str(request.scheduler)
+    return find_schedule(default).label if default else schedule.label
+
+
+def infotext_params(
+    request: GenerationRequest, *, seed: int, model_hash: str | None, model_name: str | None
+) -> dict[str, object]:
+    """The parameters of one image, in A1111's order; None values are left out.
+
+    "Clip skip" appears only above 1 and "RNG" only when the noise was not made on the GPU:
+    A1111 reads a missing key as those defaults."""
+    params: dict[str, object | None] = {
+        "Steps": request.steps,
+        "Sampler": request.sampler_name,
+        "Schedule type": _schedule_label(request),
+        "CFG scale": request.cfg_scale,
+        "Seed": seed,
+        "Size": f"{request.width}x{request.height}",
+        "Model hash": model_hash,
+        "Model": model_name,
+        "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
+        "RNG": request.noise_source if request.noise_source != "GPU" else None,
+    }
+    return {key: value for key, value in params.items() if value is not None}
+
+
+def format_infotext(prompt: str, negative_prompt: str, params: dict[str, object]) -> str:
+    """The full infotext; leading and trailing whitespace is dropped, as A1111 does."""
+    line = ", ".join(f"{key}: {quote(_format_value(value))}" for key, value in params.items() if value is not None)
+    parts = [prompt]
+    if negative_prompt:
+        parts.append(f"{NEGATIVE_PREFIX} {negative_prompt}")
+    parts.append(line)
+    return "\n".join(parts).strip()
+
+
+def parse_params_line(line: str) -> dict[str, str]:
+    """The "key: value" pairs of one line, quoted values decoded; later duplicates win."""
+    return {m["key"]: unquote(m["value"]) for m in _PAIR.finditer(line)}
+
+
+def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
+    """(prompt, negative prompt, parameters) from an infotext; never raises.
+
+    Text without a parameters line is all prompt. Lines are stripped, and every line after the
+    one starting with "Negative prompt:" belongs to the negative prompt, as in A1111."""
+    if not isinstance(text, str):
+        return "", "", {}
+    *lines, last = text.strip().split("\n")
+    params: dict[str, str] = {}
+    if len(_PAIR.findall(last)) >= _MIN_PAIRS:
+        params = parse_params_line(last)
+    else:
+        lines.append(last)
+
+    prompt_lines: list[str] = []
+    negative_lines: list[str] = []
+    target = prompt_lines
+    for line in lines:
+        line = line.strip()
+        if line.startswith(NEGATIVE_PREFIX):
+            target = negative_lines
+            line = line[len(NEGATIVE_PREFIX):].strip()
+        target.append(line)
+    return "\n".join(prompt_lines), "\n".join(negative_lines), params
+
+
+def _size(value: str) -> dict[str, object]:
+    match = _SIZE.match(value.strip())
+    if match is None:
+        raise ValueError(f"not a size: {value!r}")
+    return {"width": int(match[1]), "height": int(match[2])}
+
+
+def _sampler(value: str) -> dict[str, object]:
+    """Also reads the older combined names ("DPM++ 2M Karras") that A1111 wrote before it had a
+    separate "Schedule type"; the schedule in such a name is the one that was used."""
+    from modules.sampling.registry import find_sampler_and_schedule
+
+    sampler, schedule = find_sampler_and_schedule(value)
+    fields: dict[str, object] = {"sampler_name": sampler.name}
+    if schedule.fn is not None:
+        fields["scheduler"] = schedule.label
+    return fields
+
+
+def _schedule(value: str) -> dict[str, object]:
+    from modules.sampling.schedules import find_schedule
+
+    return {"scheduler": find_schedule(value).label}
+
+
+def _noise_source(value: str) -> dict[str, object]:
+    from modules.request import NOISE_SOURCES
+
+    source = value.strip().upper()
+    if source not in NOISE_SOURCES:
+        raise ValueError(f"unsupported RNG {value!r}")
+    return {"noise_source": source}
+
+
+def _field(name: str, convert: Callable[[str], object]) -> Callable[[str], dict[str, object]]:
+    return lambda value: {name: convert(value.strip())}
+
+
+# Infotext key -> reader giving GenerationRequest fields; a reader raises ValueError on a value
+# it cannot use, and that key is skipped. "Schedule type" comes before "Sampler" so that an old
+# combined sampler name, written when there was no "Schedule type", keeps its schedule.
+_READERS: dict[str, Callable[[str], dict[str, object]]] = {
+    "Steps": _field("steps", int),
+    "Schedule type": _schedule,
+    "Sampler": _sampler,
+    "CFG scale": _field("cfg_scale", float),
+    "Seed": _field("seed", int),
+    "Size": _size,
+    "Clip skip": _field("clip_skip", int),
+    "RNG": _noise_source,
+}
+
+# What A1111 means by a key that is missing from a parameters line.
+_MISSING_MEANS = {"Clip skip": "1", "RNG": "GPU", "Schedule type": "Automatic"}
+
+
+def request_fields(prompt: str, negative_prompt: str, params: dict[str, str]) -> dict[str, object]:
+    """GenerationRequest keyword arguments from parsed infotext; values that cannot be read
+    (unknown sampler, "Steps: many") are left out so the request keeps its default."""
+    fields: dict[str, object] = {"prompt": prompt, "negative_prompt": negative_prompt}
+    if params:
+        params = {**_MISSING_MEANS, **params}
+    for key, read in _READERS.items():
+        if key not in params:
+            continue
+        try:
+            fields.update(read(params[key]))
+        except (ValueError, TypeError, OverflowError):
+            continue
+    return fields
+
+
+def request_from_infotext(text: str) -> dict[str, object]:
+    """GenerationRequest keyword arguments from an infotext; never raises."""
+    return request_fields(*parse_infotext(text))

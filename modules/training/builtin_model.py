@@ -1,0 +1,419 @@
+"""Trains the built-in model from scratch on the procedural shapes dataset.
+
+    python -m modules.training.builtin_model --out models/Stable-diffusion/builtin-shapes.safetensors
+
+Three stages, each resumable (`--resume` continues from the last saved state in --work-dir):
+1. the KL autoencoder, on reconstruction (L1 + L2) and a small KL term;
+2. encoding every training picture once (the UNet stage then reads cached latent posteriors);
+3. the UNet and the CLIP text encoder together, end to end through the diffusion loss (SD's
+   scaled-linear noise schedule, eps prediction), with 10% empty captions for classifier-free
+   guidance and an exponential moving average (EMA) of their weights.
+
+The output is ONE .safetensors file in the SD 1.x key layout (what SDModel.state_dict() gives),
+so the ordinary loader reads it; its metadata holds the resolution, the latent scale factor and
+the recipe. Every random choice comes from --seed, per step, so a resumed run continues exactly
+as an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from modules.fileio import atomic_write
+from modules.models.detect import ModelSpec
+from modules.models.sd_model import SDModel
+from modules.training import shapes_dataset
+
+CLIP_BOS, CLIP_EOS, CONTEXT_TOKENS = 49406, 49407, 77
+STATE_FILE = "state.pt"
+LATENTS_FILE = "latents.pt"
+
+
+@dataclass
+class Recipe:
+    """Everything that decides the trained weights. Defaults: the shipped model."""
+
+    seed: int = 0
+    resolution: int = 64
+    images: int = 20000  # distinct training pictures (captions are re-drawn every step)
+    two_shape_fraction: float = 0.1
+    empty_caption_fraction: float = 0.1
+    caption_drop: float = 0.1  # chance to leave size / position / background out of a caption
+    # Autoencoder: downsampling factor 2 ** (len(vae_ch_mult) - 1).
+    vae_ch: int = 32
+    vae_ch_mult: tuple[int, ...] = (1, 2, 2)
+    vae_res_blocks: int = 1
+    vae_steps: int = 1500
+    vae_batch: int = 16
+    vae_crop: int = 32  # train on random crops of this side for the first 3/4 of the steps (0: never)
+    vae_lr: float = 5e-4
+    vae_kl_weight: float = 1e-5
+    # Text encoder (CLIP layout; attention heads = hidden // 64 as detection infers them).
+    text_hidden: int = 128
+    text_layers: int = 2
+    # UNet.
+    unet_ch: int = 64
+    unet_ch_mult: tuple[int, ...] = (1, 2, 2)
+    unet_res_blocks: int = 1
+    unet_attention: tuple[int, ...] = (2, 4)
+    unet_steps: int = 6000
+    batch: int = 32
+    lr: float = 6e-4
+    warmup: int = 200
+    ema_decay: float = 0.999
+    min_snr_gamma: float = 5.0
+
+    def spec(self, scale_factor: float = 1.0) -> ModelSpec:
+        return ModelSpec(
+            family="SD1",
+            unet=dict(in_channels=4, out_channels=4, model_channels=self.unet_ch,
+                      attention_resolutions=tuple(self.unet_attention), num_res_blocks=self.unet_res_blocks,
+                      channel_mult=tuple(self.unet_ch_mult), num_heads=8, context_dim=self.text_hidden,
+                      transformer_depth=1, use_linear_in_transformer=False),
+            vae=dict(ch=self.vae_ch, ch_mult=tuple(self.vae_ch_mult), num_res_blocks=self.vae_res_blocks,
+                     in_channels=3, out_ch=3, z_channels=4, embed_dim=4),
+            text=dict(vocab_size=49408, hidden_size=self.text_hidden, intermediate_size=4 * self.text_hidden,
+                      num_hidden_layers=self.text_layers, num_attention_heads=max(1, self.text_hidden // 64),
+                      max_position_embeddings=CONTEXT_TOKENS),
+            prediction="eps", scale_factor=scale_factor, resolution=self.resolution,
+        )
+
+
+# Fields that only say how long to train: they may change when resuming.
+_LENGTH_FIELDS = {"vae_steps", "unet_steps"}
+# Fields the autoencoder and the cached latents depend on. Until the UNet stage has taken a step,
+# a resumed run may change every other field: it keeps the trained autoencoder and starts the
+# UNet and text encoder of the new recipe.
+_AUTOENCODER_FIELDS = {"seed", "resolution", "images", "two_shape_fraction", "vae_ch", "vae_ch_mult",
+                       "vae_res_blocks", "vae_crop", "vae_lr", "vae_kl_weight", "vae_batch"}
+
+
+def caption_tokens(captions: list[str]) -> torch.Tensor:
+    """[B, 77] token ids as modules/conditioning.py builds a one-chunk prompt: BOS, the prompt's
+    tokens, then the end token repeated to the end (SD 1.x pads with it)."""
+    from modules.tokenizer import tokenize
+
+    rows = []
+    for ids in tokenize(captions):
+        ids = ids[: CONTEXT_TOKENS - 2]
+        rows.append([CLIP_BOS] + ids + [CLIP_EOS] * (CONTEXT_TOKENS - 1 - len(ids)))
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _zero_output_layers(unet: torch.nn.Module) -> None:
+    """Zero each residual branch's last layer and the UNet's output: every block starts as the
+    identity, which trains faster and more stably than default initialisation."""
+    for name, module in unet.named_modules():
+        if name == "out.2" or name.endswith("out_layers.3") or name.endswith("proj_out"):
+            torch.nn.init.zeros_(module.weight)
+            torch.nn.init.zeros_(module.bias)
+
+
+def _step_generator(seed: int, stage: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed((seed * 1_000_003 + stage * 10_000_019 + step) % 2**63)
+
+
+def _lr_at(step: int, peak: float, warmup: int) -> float:
+    return peak * min(1.0, (step + 1) / max(1, warmup))
+
+
+def _images_to_tensor(images: np.ndarray, device) -> torch.Tensor:
+    x = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def _atomic_save(obj, path: Path) -> None:
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+class Trainer:
+    def __init__(self, recipe: Recipe, work_dir: Path, device: torch.device, resume: bool, log=print):
+        self.recipe, self.work_dir, self.device, self.log = recipe, work_dir, device, log
+        work_dir.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(recipe.seed)
+        self.model = SDModel(recipe.spec()).to(device)
+        _zero_output_layers(self.model.model.diffusion_model)
+        self.state = {"stage": "vae", "step": 0, "seconds": {"vae": 0.0, "encode": 0.0, "unet": 0.0},
+                      "scale_factor": None, "ema": None, "optimizer": None}
+        state_path = work_dir / STATE_FILE
+        if resume and state_path.exists():
+            self._load_state(state_path)
+        self.images, self.scenes = shapes_dataset.training_examples(
+            recipe.images, recipe.seed, size=recipe.resolution, two_shape_fraction=recipe.two_shape_fraction)
+
+    # ---- checkpoints ----
+
+    def _load_state(self, path: Path) -> None:
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        mine, theirs = dataclasses.asdict(self.recipe), saved["recipe"]
+        state = saved["state"]
+        unet_started = state["stage"] in ("unet", "done") and state["step"] > 0
+        must_match = set(mine) if unet_started else _AUTOENCODER_FIELDS
+        differ = [k for k in mine if k in must_match - _LENGTH_FIELDS and _plain(mine[k]) != _plain(theirs.get(k))]
+        if differ:
+            raise SystemExit(f"cannot resume from {path}: the recipe differs in {', '.join(differ)} "
+                             f"(saved: {', '.join(f'{k}={theirs.get(k)!r}' for k in differ)})")
+        if unet_started or all(_plain(mine[k]) == _plain(theirs.get(k)) for k in mine if k not in _LENGTH_FIELDS):
+            self.model.load_state_dict(saved["model"])
+        else:
+            prefix = "first_stage_model."
+            self.model.first_stage_model.load_state_dict(
+                {k[len(prefix):]: v for k, v in saved["model"].items() if k.startswith(prefix)})
+            self.log(f"keeping the trained autoencoder; UNet and text encoder start from the new recipe")
+        self.state = state
+        self.log(f"resumed from {path}: stage {self.state['stage']}, step {self.state['step']}")
+
+    def save(self) -> None:
+        _atomic_save({"recipe": dataclasses.asdict(self.recipe), "model": self.model.state_dict(),
+                      "state": self.state}, self.work_dir / STATE_FILE)
+
+    # ---- stage 1: autoencoder ----
+
+    def train_vae(self, save_every: int) -> None:
+        r, vae = self.recipe, self.model.first_stage_model
+        vae.train().requires_grad_(True)
+        opt = torch.optim.AdamW(vae.parameters(), lr=r.vae_lr, weight_decay=0.0)
+        if self.state["optimizer"] is not None and self.state["stage"] == "vae":
+            opt.load_state_dict(self.state["optimizer"])
+        bar = tqdm(range(self.state["step"], r.vae_steps), desc="autoencoder", mininterval=5, file=sys.stdout,
+                   initial=self.state["step"], total=r.vae_steps)
+        started = time.monotonic()
+        for step in bar:
+            g = _step_generator(r.seed, 1, step)
+            idx = torch.randint(len(self.images), (r.vae_batch,), generator=g)
+            x = _images_to_tensor(self.images[idx.numpy()], self.device)
+            if r.vae_crop and step < r.vae_steps * 3 // 4:
+                top, left = torch.randint(r.resolution - r.vae_crop + 1, (2,), generator=g).tolist()
+                x = x[:, :, top:top + r.vae_crop, left:left + r.vae_crop]
+            mean, logvar = vae.encode(x)
+            z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g).to(self.device)
+            out = vae.decode(z)
+            rec = F.l1_loss(out, x) + F.mse_loss(out, x)
+            kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+            loss = rec + r.vae_kl_weight * kl
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(step, r.vae_lr, 100)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+            opt.step()
+            bar.set_postfix(rec=f"{rec.item():.4f}", kl=f"{kl.item():.2f}", refresh=False)
+            self.state["step"] = step + 1
+            if (step + 1) % save_every == 0 or step + 1 == r.vae_steps:
+                self.state["seconds"]["vae"] += time.monotonic() - started
+                started = time.monotonic()
+                self.state["optimizer"] = opt.state_dict()
+                self.save()
+        self.state["seconds"]["vae"] += time.monotonic() - started
+        vae.eval().requires_grad_(False)
+        self.log(f"autoencoder check on held-out pictures: {self.vae_check()}")
+        self.state.update(stage="encode", step=0, optimizer=None)
+        self.save()
+
+    @torch.no_grad()
+    def vae_check(self, n: int = 200) -> str:
+        """How often the attributes survive a trip through the autoencoder (read back from pixels)."""
+        scenes = shapes_dataset.held_out_scenes(n, self.recipe.seed + 1)
+        images = np.stack([shapes_dataset.render(s, self.recipe.resolution) for s in scenes])
+        vae = self.model.first_stage_model
+        hits: dict[str, int] = {}
+        for i in range(0, n, 50):
+            x = _images_to_tensor(images[i:i + 50], self.device)
+            out = vae.decode(vae.encode(x)[0])
+            pixels = ((out.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+            for scene, picture in zip(scenes[i:i + 50], pixels):
+                got, want = shapes_dataset.read_scene(picture), shapes_dataset.scene_attributes(scene)
+                for k in want:
+                    hits[k] = hits.get(k, 0) + (got[k] == want[k])
+        return ", ".join(f"{k} {100 * v / n:.0f}%" for k, v in hits.items())
+
+    # ---- stage 2: latents ----
+
+    @torch.no_grad()
+    def encode_latents(self) -> None:
+        started = time.monotonic()
+        vae = self.model.first_stage_model.eval()
+        means, stds = [], []
+        for i in tqdm(range(0, len(self.images), 100), desc="encoding", mininterval=5, file=sys.stdout):
+            mean, logvar = vae.encode(_images_to_tensor(self.images[i:i + 100], self.device))
+            means.append(mean.cpu())
+            stds.append(torch.exp(0.5 * logvar).cpu())
+        mean, std = torch.cat(means), torch.cat(stds)
+        _atomic_save({"mean": mean, "std": std}, self.work_dir / LATENTS_FILE)
+        self.state["scale_factor"] = float(1.0 / mean.std())
+        self.state["seconds"]["encode"] += time.monotonic() - started
+        self.state.update(stage="unet", step=0, optimizer=None)
+        self.log(f"latents {tuple(mean.shape)}, scale factor {self.state['scale_factor']:.4f}, "
+                 f"mean posterior std {std.mean():.4f}")
+        self.save()
+
+    # ---- stage 3: UNet and text encoder ----
+
+    def _trained_modules(self):
+        return [self.model.model.diffusion_model, self.model.cond_stage_model]
+
+    def _trained_parameters(self) -> dict[str, torch.nn.Parameter]:
+        return {k: p for k, p in self.model.named_parameters()
+                if k.startswith(("model.diffusion_model.", "cond_stage_model."))}
+
+    def train_unet(self, save_every: int, export_every: int, out: Path | None) -> None:
+        r = self.recipe
+        latents = torch.load(self.work_dir / LATENTS_FILE, map_location="cpu")
+        scale = self.state["scale_factor"]
+        params = self._trained_parameters()
+        for module in self._trained_modules():
+            module.train().requires_grad_(True)
+        decay, no_decay = [], []
+        for name, p in params.items():
+            (no_decay if p.ndim < 2 or "embedding" in name else decay).append(p)
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                                lr=r.lr, betas=(0.9, 0.99))
+        if self.state["optimizer"] is not None:
+            opt.load_state_dict(self.state["optimizer"])
+        if self.state["ema"] is None:
+            self.state["ema"] = {k: p.detach().clone().cpu() for k, p in params.items()}
+        ema = {k: t.to(self.device) for k, t in self.state["ema"].items()}
+        ema_keys = list(params)
+        alphas = self.model.alphas_cumprod.to(self.device)
+
+        bar = tqdm(range(self.state["step"], r.unet_steps), desc="unet+text", mininterval=5, file=sys.stdout,
+                   initial=self.state["step"], total=r.unet_steps)
+        started = time.monotonic()
+        running = None
+        for step in bar:
+            g = _step_generator(r.seed, 3, step)
+            rng = random.Random(f"{r.seed}-{step}")
+            idx = torch.randint(len(self.scenes), (r.batch,), generator=g)
+            captions = ["" if rng.random() < r.empty_caption_fraction
+                        else shapes_dataset.caption(self.scenes[i], rng, drop=r.caption_drop) for i in idx.tolist()]
+            z0 = latents["mean"][idx] + latents["std"][idx] * torch.randn(latents["mean"][idx].shape, generator=g)
+            z0 = (z0 * scale).to(self.device)
+            t = torch.randint(len(alphas), (r.batch,), generator=g).to(self.device)
+            noise = torch.randn(z0.shape, generator=g).to(self.device)
+            a = alphas[t].view(-1, 1, 1, 1)
+            xt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+            context = self.model.cond_stage_model(caption_tokens(captions).to(self.device))
+            eps = self.model.model.diffusion_model(xt, t, context)
+            # Min-SNR weighting: the high-noise steps, which decide what is drawn where, count fully.
+            snr = a.flatten() / (1 - a.flatten())
+            weight = snr.clamp(max=r.min_snr_gamma) / snr
+            loss = (weight * (eps - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+            for group in opt.param_groups:
+                group["lr"] = _lr_at(step, r.lr, r.warmup)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+            opt.step()
+            with torch.no_grad():
+                d = min(r.ema_decay, (1 + step) / (10 + step))
+                torch._foreach_lerp_([ema[k] for k in ema_keys], [params[k].detach() for k in ema_keys], 1 - d)
+            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            bar.set_postfix(loss=f"{running:.4f}", refresh=False)
+            self.state["step"] = step + 1
+            done = step + 1 == r.unet_steps
+            if (step + 1) % save_every == 0 or done or (out and (step + 1) % export_every == 0):
+                self.state["seconds"]["unet"] += time.monotonic() - started
+                started = time.monotonic()
+                self.state["optimizer"] = opt.state_dict()
+                self.state["ema"] = {k: v.cpu() for k, v in ema.items()}
+                if done:
+                    self.state["stage"] = "done"
+                self.save()
+                if out and ((step + 1) % export_every == 0 or done):
+                    self.export(out)
+                    self.log(f"step {step + 1}: wrote {out} (loss {running:.4f})")
+        for module in self._trained_modules():
+            module.eval().requires_grad_(False)
+
+    # ---- output ----
+
+    def export(self, out: Path) -> None:
+        """The SD 1.x checkpoint: EMA weights for the UNet and text encoder, fp16, with metadata."""
+        from safetensors.torch import save
+
+        weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        for k, v in (self.state["ema"] or {}).items():
+            weights[k] = v
+        weights = {k: v.to(torch.float16).contiguous() if v.is_floating_point() else v.contiguous()
+                   for k, v in weights.items()}
+        recipe = dataclasses.asdict(self.recipe)
+        trained = {"unet_steps_done": self.state["step"] if self.state["stage"] in ("unet", "done") else 0,
+                   "seconds": {k: round(v) for k, v in self.state["seconds"].items()}}
+        metadata = {
+            "resolution": str(self.recipe.resolution),
+            "scale_factor": f"{self.state['scale_factor']:.6f}",
+            "prediction": "eps",
+            "recipe": json.dumps(recipe, sort_keys=True),
+            "training": json.dumps(trained, sort_keys=True),
+            "description": "Built-in model trained by modules/training/builtin_model.py on procedurally "
+                           "drawn coloured shapes (modules/training/shapes_dataset.py).",
+        }
+        atomic_write(out, lambda f: f.write(save(weights, metadata=metadata)))
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (tuple, list)) else value
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m modules.training.builtin_model", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", type=Path, default=Path("models/Stable-diffusion/builtin-shapes.safetensors"))
+    p.add_argument("--work-dir", type=Path, default=Path("cache/builtin-model-training"),
+                   help="where the resumable training state and cached latents live")
+    p.add_argument("--resume", action="store_true", help="continue from the state in --work-dir")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
+    p.add_argument("--save-every", type=int, default=200, help="steps between saved training states")
+    p.add_argument("--export-every", type=int, default=1000,
+                   help="UNet steps between writes of --out (it is always written at the end)")
+    for f in dataclasses.fields(Recipe):
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, tuple):
+            p.add_argument(flag, type=lambda s: tuple(int(v) for v in s.split(",")), default=f.default,
+                           help="comma-separated integers")
+        else:
+            p.add_argument(flag, type=type(f.default), default=f.default)
+    return p
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = _parser().parse_args(argv)
+    recipe = Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)})
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
+                          else "cpu" if args.device == "auto" else args.device)
+    trainer = Trainer(recipe, args.work_dir, device, args.resume)
+    print(f"device {device}; parameters: " + ", ".join(
+        f"{name} {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M" for name, m in (
+            ("unet", trainer.model.model.diffusion_model), ("vae", trainer.model.first_stage_model),
+            ("text", trainer.model.cond_stage_model))), flush=True)
+    if trainer.state["stage"] == "vae":
+        trainer.train_vae(args.save_every)
+    if trainer.state["stage"] == "encode":
+        trainer.encode_latents()
+    if trainer.state["stage"] == "unet" or (trainer.state["stage"] == "done" and trainer.state["step"] < recipe.unet_steps):
+        trainer.state["stage"] = "unet"
+        trainer.train_unet(args.save_every, args.export_every, args.out)
+    trainer.export(args.out)
+    print(f"wrote {args.out} ({args.out.stat().st_size / 2**20:.1f} MiB); "
+          f"seconds: {trainer.state['seconds']}", flush=True)
+    return args.out
+
+
+if __name__ == "__main__":
+    main()

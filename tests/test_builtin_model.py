@@ -1,0 +1,124 @@
+"""The built-in model: its dataset and scorer, its training script, the shipped file."""
+
+from __future__ import annotations
+
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from modules.models.loader import load_checkpoint
+from modules.training import builtin_model, shapes_dataset
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "models" / "Stable-diffusion" / "builtin-shapes.safetensors"
+sys.path.insert(0, str(ROOT / "bench"))
+import builtin_model_eval  # noqa: E402
+
+TINY_RECIPE = [
+    "--resolution", "32", "--images", "16", "--vae-ch", "32", "--vae-ch-mult", "1,2", "--vae-steps", "2",
+    "--vae-batch", "2", "--vae-crop", "0", "--text-hidden", "32", "--text-layers", "1", "--unet-ch", "32",
+    "--unet-ch-mult", "1,2", "--unet-attention", "2", "--batch", "2", "--warmup", "2", "--threads", "1",
+]
+
+
+def _train(tmp: Path, name: str, unet_steps: int, *extra: str) -> Path:
+    out = tmp / f"{name}.safetensors"
+    builtin_model.main([*TINY_RECIPE, "--work-dir", str(tmp / name), "--out", str(out),
+                        "--unet-steps", str(unet_steps), "--save-every", "1", *extra])
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    return _train(tmp_path_factory.mktemp("builtin"), "smoke", 3)
+
+
+# ---- dataset and scorer ----
+
+def test_dataset_is_deterministic_and_avoids_held_out_pairs():
+    a, scenes = shapes_dataset.training_examples(50, seed=3)
+    b, _ = shapes_dataset.training_examples(50, seed=3)
+    assert a.shape == (50, 64, 64, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    pairs = {(s.colour, s.shape) for scene in scenes for s in scene.shapes}
+    assert not pairs & shapes_dataset.HELD_OUT
+    held = shapes_dataset.held_out_scenes(20, seed=3)
+    assert all((s.shapes[0].colour, s.shapes[0].shape) in shapes_dataset.HELD_OUT for s in held)
+
+
+def test_captions_name_the_attributes():
+    scene = shapes_dataset.Scene("blue", (shapes_dataset.ShapeSpec("star", "red", "large", "top left"),))
+    assert shapes_dataset.caption(scene) == "a large red star in the top left corner on a blue background"
+    rng = random.Random(0)
+    assert all("star" in shapes_dataset.caption(scene, rng) for _ in range(20))
+
+
+def test_scorer_reads_true_pictures_perfectly():
+    scenes = shapes_dataset.held_out_scenes(120, seed=7)
+    pictures = [shapes_dataset.render(s) for s in scenes]
+    scores = builtin_model_eval.score(pictures, scenes)
+    assert scores == dict.fromkeys(builtin_model_eval.ATTRIBUTES, 1.0)
+
+
+def test_scorer_notices_wrong_pictures():
+    scenes = shapes_dataset.held_out_scenes(20, seed=8)
+    blank = [np.full((64, 64, 3), shapes_dataset.COLOURS[s.background], np.uint8) for s in scenes]
+    scores = builtin_model_eval.score(blank, scenes)
+    assert scores["background"] == 1.0 and scores["colour"] == scores["shape"] == 0.0
+
+
+# ---- training script ----
+
+def test_smoke_training_writes_a_loadable_sd1_checkpoint(trained):
+    model = load_checkpoint(trained)
+    assert model.spec.family == "SD1" and model.spec.resolution == 32
+    with safe_open(str(trained), "pt") as f:
+        keys, metadata = set(f.keys()), f.metadata()
+    assert keys == set(model.state_dict())
+    assert float(metadata["scale_factor"]) == pytest.approx(model.scale_factor, rel=1e-4)
+    assert '"unet_steps": 3' in metadata["recipe"]
+
+
+def test_resumed_training_matches_an_uninterrupted_run(tmp_path):
+    straight = load_checkpoint(_train(tmp_path, "straight", 4)).state_dict()
+    _train(tmp_path, "split", 2)
+    resumed = load_checkpoint(_train(tmp_path, "split", 4, "--resume")).state_dict()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_resume_refuses_a_different_recipe(tmp_path):
+    _train(tmp_path, "run", 1)
+    with pytest.raises(SystemExit, match="unet_ch"):
+        _train(tmp_path, "run", 2, "--resume", "--unet-ch", "64")
+
+
+# ---- evaluation script ----
+
+def test_evaluation_runs_on_a_few_samples(trained):
+    model = load_checkpoint(trained)
+    scores, seconds, prompts, pictures = builtin_model_eval.evaluate(model, n=2, steps=2)
+    assert set(scores) == set(builtin_model_eval.ATTRIBUTES)
+    assert all(0.0 <= v <= 1.0 for v in scores.values())
+    assert seconds > 0 and len(prompts) == 2 and pictures.shape == (2, 32, 32, 3)
+
+
+# ---- the shipped model ----
+
+def test_shipped_model_loads_and_generates_deterministically():
+    assert SHIPPED.is_file(), f"{SHIPPED} is missing"
+    assert SHIPPED.stat().st_size < 64 * 2**20
+    model = load_checkpoint(SHIPPED)
+    size = model.spec.resolution
+    prompt = "a large red circle in the center on a blue background"
+    first = builtin_model_eval.generate(model, prompt, seed=42, steps=8)
+    again = builtin_model_eval.generate(model, prompt, seed=42, steps=8)
+    other = builtin_model_eval.generate(model, prompt, seed=43, steps=8)
+    assert first.shape == (size, size, 3)
+    assert np.array_equal(first, again)
+    assert not np.array_equal(first, other)
+    assert first.std() > 10  # a picture, not a flat field
