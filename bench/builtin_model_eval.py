@@ -36,9 +36,19 @@ def to_pixels(images: torch.Tensor) -> np.ndarray:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def load_model(path: Path):
+    """The checkpoint in the precision and on the device the web UI would use."""
+    from modules.config import Flags
+    from modules.models.loader import load_checkpoint
+    from modules.models.memory import DevicePolicy, place
+
+    return place(load_checkpoint(path), DevicePolicy.from_flags(Flags()))
+
+
 def generate(sd_model, prompt: str, seed: int, *, steps: int = 20, size: int | None = None,
              request: GenerationRequest | None = None) -> np.ndarray:
-    """One picture (uint8 [H, W, 3]) for `prompt`, sampled by the pipeline as the web UI does."""
+    """One picture (uint8 [H, W, 3]) for `prompt`, sampled by the pipeline as the web UI does
+    (`sd_model` as `load_model` gives it)."""
     size = size or sd_model.spec.resolution
     request = (request or GenerationRequest()).replace(prompt=prompt, steps=steps, width=size, height=size)
     latents = pipeline.sample_latents(sd_model, request, [seed])
@@ -105,9 +115,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from modules.models.loader import load_checkpoint
-
-    sd_model = load_checkpoint(args.model)
+    sd_model = load_model(args.model)
     request = GenerationRequest()
     request = request.replace(**{k: v for k, v in (("cfg_scale", args.cfg_scale), ("sampler_name", args.sampler))
                                  if v is not None})

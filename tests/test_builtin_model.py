@@ -75,7 +75,7 @@ def test_scorer_notices_wrong_pictures():
 # ---- training script ----
 
 def test_smoke_training_writes_a_loadable_sd1_checkpoint(trained):
-    model = load_checkpoint(trained)
+    model = builtin_model_eval.load_model(trained)
     assert model.spec.family == "SD1" and model.spec.resolution == 32
     with safe_open(str(trained), "pt") as f:
         keys, metadata = set(f.keys()), f.metadata()
@@ -100,7 +100,7 @@ def test_resume_refuses_a_different_recipe(tmp_path):
 # ---- evaluation script ----
 
 def test_evaluation_runs_on_a_few_samples(trained):
-    model = load_checkpoint(trained)
+    model = builtin_model_eval.load_model(trained)
     scores, seconds, prompts, pictures = builtin_model_eval.evaluate(model, n=2, steps=2)
     assert set(scores) == set(builtin_model_eval.ATTRIBUTES)
     assert all(0.0 <= v <= 1.0 for v in scores.values())
@@ -112,7 +112,7 @@ def test_evaluation_runs_on_a_few_samples(trained):
 def test_shipped_model_loads_and_generates_deterministically():
     assert SHIPPED.is_file(), f"{SHIPPED} is missing"
     assert SHIPPED.stat().st_size < 64 * 2**20
-    model = load_checkpoint(SHIPPED)
+    model = builtin_model_eval.load_model(SHIPPED)
     size = model.spec.resolution
     prompt = "a large red circle in the center on a blue background"
     first = builtin_model_eval.generate(model, prompt, seed=42, steps=8)
