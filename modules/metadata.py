@@ -85,12 +85,15 @@ def _schedule_label(request: GenerationRequest) -> str:
 
 
 def infotext_params(
-    request: GenerationRequest, *, seed: int, model_hash: str | None, model_name: str | None
+    request: GenerationRequest, *, seed: int, model_hash: str | None, model_name: str | None,
+    mask_weight: float | None = None, extra: dict[str, object] | None = None,
 ) -> dict[str, object]:
     """The parameters of one image, in A1111's order; None values are left out.
 
     "Clip skip" appears only above 1 and "RNG" only when the noise was not made on the GPU:
-    A1111 reads a missing key as those defaults."""
+    A1111 reads a missing key as those defaults. img2img requests add "Denoising strength";
+    `mask_weight` is written as "Conditional mask weight" (inpainting models) and `extra` (the
+    inpainting options, see img2img.prepare) goes last, where A1111 puts such entries."""
     params: dict[str, object | None] = {
         "Steps": request.steps,
         "Sampler": request.sampler_name,
@@ -100,8 +103,11 @@ def infotext_params(
         "Size": f"{request.width}x{request.height}",
         "Model hash": model_hash,
         "Model": model_name,
+        "Denoising strength": getattr(request, "denoising_strength", None),
+        "Conditional mask weight": mask_weight,
         "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
         "RNG": request.noise_source if request.noise_source != "GPU" else None,
+        **(extra or {}),
     }
     return {key: value for key, value in params.items() if value is not None}
 
@@ -203,13 +209,50 @@ _READERS: dict[str, Callable[[str], dict[str, object]]] = {
 _MISSING_MEANS = {"Clip skip": "1", "RNG": "GPU", "Schedule type": "Automatic"}
 
 
-def request_fields(prompt: str, negative_prompt: str, params: dict[str, str]) -> dict[str, object]:
-    """GenerationRequest keyword arguments from parsed infotext; values that cannot be read
-    (unknown sampler, "Steps: many") are left out so the request keeps its default."""
+def _choice(name: str, choices: tuple[str, ...], convert: Callable[[int], object] = int) -> Callable[[str], dict[str, object]]:
+    """Reader of an A1111 option written by its label, giving the request's index value."""
+
+    def read(value: str) -> dict[str, object]:
+        labels = [c.lower() for c in choices]
+        if value.strip().lower() not in labels:
+            raise ValueError(f"unknown {name} {value!r}")
+        return {name: convert(labels.index(value.strip().lower()))}
+
+    return read
+
+
+def _img2img_readers() -> dict[str, Callable[[str], dict[str, object]]]:
+    # The option tables live with the img2img code, which imports torch; read them only when asked.
+    from modules.img2img import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT
+
+    return {
+        "Denoising strength": _field("denoising_strength", float),
+        "Conditional mask weight": _field("inpainting_mask_weight", float),
+        "Mask blur": _field("mask_blur", int),
+        "Mask mode": _choice("inpainting_mask_invert", MASK_MODES),
+        "Inpaint area": _choice("inpaint_full_res", INPAINT_AREAS, bool),
+        "Masked area padding": _field("inpaint_full_res_padding", int),
+        "Masked content": _choice("inpainting_fill", MASKED_CONTENT),
+    }
+
+
+# A1111 writes these only when they differ from what a missing key means.
+_IMG2IMG_MISSING_MEANS = {"Mask mode": "Inpaint masked", "Inpaint area": "Whole picture", "Masked content": "original"}
+
+
+def request_fields(prompt: str, negative_prompt: str, params: dict[str, str], *, img2img: bool = False) -> dict[str, object]:
+    """GenerationRequest keyword arguments (Img2ImgRequest ones with `img2img`) from parsed
+    infotext; values that cannot be read (unknown sampler, "Steps: many") are left out so the
+    request keeps its default."""
     fields: dict[str, object] = {"prompt": prompt, "negative_prompt": negative_prompt}
+    readers = dict(_READERS)
     if params:
         params = {**_MISSING_MEANS, **params}
-    for key, read in _READERS.items():
+    if img2img:
+        readers.update(_img2img_readers())
+        if "Mask blur" in params:  # the inpainting keys' defaults hold only where a mask was used
+            params = {**_IMG2IMG_MISSING_MEANS, **params}
+    for key, read in readers.items():
         if key not in params:
             continue
         try:
@@ -219,6 +262,6 @@ def request_fields(prompt: str, negative_prompt: str, params: dict[str, str]) ->
     return fields
 
 
-def request_from_infotext(text: str) -> dict[str, object]:
-    """GenerationRequest keyword arguments from an infotext; never raises."""
-    return request_fields(*parse_infotext(text))
+def request_from_infotext(text: str, *, img2img: bool = False) -> dict[str, object]:
+    """GenerationRequest (or with `img2img`, Img2ImgRequest) keyword arguments from an infotext; never raises."""
+    return request_fields(*parse_infotext(text), img2img=img2img)

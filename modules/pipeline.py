@@ -1,4 +1,4 @@
-"""generate(ctx, request) -> Result: one txt2img job, written as the steps it takes."""
+"""generate(ctx, request) -> Result: one txt2img or img2img job, written as the steps it takes."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from modules import metadata, storage
+from modules import img2img, metadata, storage
 from modules.conditioning import encode_prompts
 from modules.context import AppContext
 from modules.jobs import Job, SamplingStopped
-from modules.request import GenerationRequest
+from modules.request import GenerationRequest, Img2ImgRequest
 from modules.sampling.denoiser import CFGDenoiser, model_denoiser
 from modules.sampling.noise import image_noise
 from modules.sampling.registry import find_sampler, run_sampler
-from modules.sampling.schedules import get_sigmas
+from modules.sampling.schedules import get_sigmas, img2img_start
 
 
 @dataclass
@@ -44,17 +44,36 @@ def _no_offload(part: str):
     return contextlib.nullcontext()
 
 
+def sampling_steps(request: GenerationRequest) -> int:
+    """How many steps sampling one batch takes: fewer than `steps` for img2img (A1111's rule)."""
+    if not isinstance(request, Img2ImgRequest):
+        return request.steps
+    return request.steps - img2img_start(request.steps, request.denoising_strength)
+
+
 def sample_latents(sd_model, request: GenerationRequest, seeds: list[int], *, device=None,
                    using: Callable[[str], contextlib.AbstractContextManager] = _no_offload,
-                   callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+                   callback: Callable[[dict], None] | None = None,
+                   init: img2img.InitLatent | None = None, image_conditioning: torch.Tensor | None = None) -> torch.Tensor:
     """Steps 3-5 for one batch (one image per seed): conditioning, seeded noise, sampling.
     `using(part)` puts a part of the model on the device while it works (offload modes);
-    `callback` sees k-diffusion's dict after each step and may raise SamplingStopped."""
+    `callback` sees k-diffusion's dict after each step and may raise SamplingStopped.
+
+    img2img gives `init`: sampling starts part-way down the schedule from the encoded picture
+    plus that level of noise, and where `init.keep` is 1 the original latent is kept.
+    `image_conditioning` is an inpainting model's c_concat; without it such a model gets
+    A1111's txt2img default (everything masked, a grey picture)."""
     device = device or torch.device("cpu")
     sampler = find_sampler(request.sampler_name)
     denoiser = model_denoiser(sd_model)
     sigmas = get_sigmas(request.scheduler, request.steps, denoiser, sampler).to(device)
-    latent_shape = (sd_model.latent_channels, request.height // sd_model.downscale, request.width // sd_model.downscale)
+    if init is None:
+        latent_shape = (sd_model.latent_channels, request.height // sd_model.downscale, request.width // sd_model.downscale)
+    else:
+        sigmas = sigmas[img2img_start(request.steps, init.strength):]
+        latent_shape = tuple(init.latent.shape[1:])
+        if len(sigmas) < 2:  # strength 0: no noise to remove
+            return init.latent
 
     # 3. Text -> conditioning, one schedule per image (prompt editing switches at steps).
     with using("text"), torch.no_grad():
@@ -62,16 +81,29 @@ def sample_latents(sd_model, request: GenerationRequest, seeds: list[int], *, de
             sd_model, [request.prompt] * len(seeds), [request.negative_prompt] * len(seeds), request.steps, request.clip_skip
         )
 
-    # 4. Each image's starting noise from its own seed.
+    # 4. Each image's starting noise from its own seed (on top of the picture, for img2img).
     x = image_noise(seeds, latent_shape, source=request.noise_source, device=device) * sigmas[0]
+    extra_args = {"conditioning": conditioning, "cond_scale": request.cfg_scale}
+    if init is not None:
+        x = x + init.latent
+        if init.keep is not None:
+            extra_args.update(init_latent=init.latent, keep=init.keep)
+    if image_conditioning is None and sd_model.concat_channels:
+        grey = torch.zeros(1, 3, request.height, request.width, device=device)
+        with using("vae"):
+            image_conditioning = img2img.inpaint_conditioning(sd_model, grey, None, 1.0, len(seeds))
+    if image_conditioning is not None:
+        extra_args["c_concat"] = image_conditioning
 
     # 5. Sampling; the callback reports progress and is where interrupt/skip take effect.
     with using("unet"), torch.no_grad():
-        return run_sampler(
-            sampler, CFGDenoiser(denoiser), x, sigmas,
-            extra_args={"conditioning": conditioning, "cond_scale": request.cfg_scale},
+        latents = run_sampler(
+            sampler, CFGDenoiser(denoiser), x, sigmas, extra_args=extra_args,
             callback=callback, seeds=seeds, noise_source=request.noise_source,
         )
+    if init is not None and init.keep is not None:
+        latents = latents * (1 - init.keep) + init.latent * init.keep
+    return latents
 
 
 def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None, save: bool | None = None) -> Result:
@@ -87,12 +119,18 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
     model_hash = ctx.models.hash_of(checkpoint)
     outdir = storage.dated_dir(ctx.paths.outputs, request.mode)
     seeds = request.seeds()
-    job.total_steps = request.batch_count * request.steps
+    steps = sampling_steps(request)
+    job.total_steps = request.batch_count * steps
     preview_every = ctx.settings.live_preview_every
     save = ctx.settings.save_images if save is None else save
 
     def using(part: str):
         return ctx.models.using(sd_model, part)
+
+    # img2img: the pictures resized, masked, cropped and filled once for all batches.
+    prepared = img2img.prepare(request) if isinstance(request, Img2ImgRequest) else None
+    info_request = request if prepared is None else request.replace(width=prepared.size[0], height=prepared.size[1])
+    mask_weight = getattr(request, "inpainting_mask_weight", 1.0) if sd_model.concat_channels else None
 
     progress = tqdm(total=job.total_steps, desc=request.mode, unit="step", leave=False)
     try:
@@ -109,36 +147,44 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
                 progress.update(job.step - progress.n)
                 if job.interrupted or job.skipped:
                     raise SamplingStopped(d["denoised"])
-                if preview_every and (d["i"] + 1) % preview_every == 0 and d["i"] + 1 < request.steps:
+                if preview_every and (d["i"] + 1) % preview_every == 0 and d["i"] + 1 < steps:
                     with using("vae"):
                         job.preview = latents_to_images(sd_model, d["denoised"][:1])[0]
                     job.preview_id += 1
 
-            # 3-5. Conditioning, noise, sampling.
+            # 3-5. Conditioning, noise, sampling (img2img: from the encoded pictures).
+            init = conditioning = None
+            if prepared is not None:
+                with using("vae"):
+                    init, conditioning = prepared.start(sd_model, batch_seeds, noise_source=request.noise_source,
+                                                        device=ctx.models.policy.device)
             try:
                 latents = sample_latents(sd_model, request, batch_seeds, device=ctx.models.policy.device,
-                                         using=using, callback=on_step)
+                                         using=using, callback=on_step, init=init, image_conditioning=conditioning)
             except SamplingStopped as stopped:
                 latents = stopped.latent
                 result.interrupted = result.interrupted or job.interrupted
 
-            # 6. Latents -> pixels.
+            # 6. Latents -> pixels (img2img: pasted back and composited over the original).
             with using("vae"):
                 images = latents_to_images(sd_model, latents)
+            if prepared is not None:
+                images = prepared.finish(images)
 
             # 7. Infotext and PNG on disk, one per image.
             for image, seed in zip(images, batch_seeds):
                 infotext = metadata.format_infotext(
                     request.prompt,
                     request.negative_prompt,
-                    metadata.infotext_params(request, seed=seed, model_hash=model_hash, model_name=checkpoint.name),
+                    metadata.infotext_params(info_request, seed=seed, model_hash=model_hash, model_name=checkpoint.name,
+                                             mask_weight=mask_weight, extra=prepared.params if prepared else None),
                 )
                 if save:
                     result.paths.append(storage.save_image(image, outdir, seed=seed, prompt=request.prompt, infotext=infotext))
                 result.images.append(image)
                 result.infotexts.append(infotext)
                 result.seeds.append(seed)
-            job.step = first_step + request.steps
+            job.step = first_step + steps
     finally:
         progress.close()
     return result

@@ -6,13 +6,16 @@ that passed it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import random
 from dataclasses import dataclass
+from typing import Any
 
+from modules import img2img
 from modules.prompt_parser import PromptError, validate_prompt
 from modules.sampling.registry import find_sampler
-from modules.sampling.schedules import find_schedule
+from modules.sampling.schedules import find_schedule, img2img_start
 
 MAX_SEED = 2**32 - 1
 MAX_SIDE = 4096
@@ -102,3 +105,141 @@ class GenerationRequest:
     def seeds(self) -> list[int]:
         """Image i of the whole job uses seed + i, whatever the batch layout."""
         return [self.seed + i for i in range(self.batch_count * self.batch_size)]
+
+
+MAX_OUTPAINT_PIXELS = 256
+
+
+@dataclass(frozen=True)
+class Img2ImgRequest(GenerationRequest):
+    """img2img, inpainting and outpainting; option names and index values are A1111's.
+
+    `init_images` (and `mask`) may hold PIL images, file bytes or base64 text; validate() turns
+    them into RGB pictures (transparency laid onto white) and a 0/255 mask of the pictures' size.
+    One picture serves the whole batch; several must number at most batch_size, which then
+    becomes their number (as A1111 does). A mask of another size but the same shape is scaled.
+    """
+
+    init_images: tuple = ()
+    mask: Any = None  # white (or painted, for a picture with transparency) = regenerate
+    denoising_strength: float = 0.75
+    resize_mode: int = 0  # index into img2img.RESIZE_MODES
+    mask_blur: int = 4
+    inpainting_fill: int = 1  # index into img2img.MASKED_CONTENT; 1: original
+    inpaint_full_res: bool = False  # "Inpaint area": False whole picture, True only masked
+    inpaint_full_res_padding: int = 32
+    inpainting_mask_invert: int = 0  # "Mask mode": 0 inpaint masked, 1 inpaint not masked
+    inpainting_mask_weight: float = 1.0  # "Conditional mask weight" (inpainting models)
+    outpaint_pixels: int = 0  # "Poor man's outpainting": 0 off, else pixels added per direction
+    outpaint_directions: tuple[str, ...] = img2img.OUTPAINT_DIRECTIONS
+
+    mode = "img2img"
+
+    def validate(self) -> "Img2ImgRequest":
+        problems: list[str] = []
+        try:
+            request = super().validate()
+        except RequestError as e:
+            problems.append(str(e))
+            request = self
+        images, mask = self._pictures(problems)
+        batch_size = self.batch_size
+        if isinstance(batch_size, int) and 1 < len(images) <= MAX_BATCH_SIZE:
+            if len(images) > batch_size:
+                problems.append(f"{len(images)} init images for a batch of {batch_size}; send one, or at most batch_size")
+            batch_size = len(images)
+        problems += self._option_problems()
+        if self.outpaint_pixels and mask is not None:
+            problems.append("outpainting makes its own mask; send no mask with it")
+        if not problems and self.outpaint_pixels:
+            left, right, up, down = (self.outpaint_pixels if d in self.outpaint_directions else 0 for d in img2img.OUTPAINT_DIRECTIONS)
+            width, height = self.width + left + right, self.height + up + down
+            if max(width, height) > MAX_SIDE:
+                problems.append(f"the outpainted picture would be {width}x{height}; at most {MAX_SIDE} a side")
+        if not problems and mask is not None:
+            inverted = bool(self.inpainting_mask_invert)
+            if mask.getextrema() == ((0, 0) if not inverted else (255, 255)):
+                problems.append(
+                    "the mask is empty, so nothing would change: paint over the part to regenerate"
+                    if not inverted else "the mask covers the whole picture, so with 'Inpaint not masked' nothing would change"
+                )
+        if problems:
+            raise RequestError("; ".join(problems))
+        return request.replace(
+            init_images=tuple(images), mask=mask, batch_size=batch_size,
+            denoising_strength=float(self.denoising_strength), inpainting_mask_weight=float(self.inpainting_mask_weight),
+            inpaint_full_res=bool(self.inpaint_full_res), outpaint_directions=tuple(self.outpaint_directions),
+        )
+
+    def _pictures(self, problems: list[str]) -> tuple[list, Any]:
+        """The init pictures as RGB and the mask as 0/255 at their size; problems are appended."""
+        if isinstance(self.init_images, (str, bytes)) or not isinstance(self.init_images, (tuple, list)):
+            problems.append("init_images must be a list of pictures")
+            return [], None
+        if not self.init_images:
+            problems.append("an init image is needed")
+        elif len(self.init_images) > MAX_BATCH_SIZE:
+            problems.append(f"at most {MAX_BATCH_SIZE} init images, got {len(self.init_images)}")
+            return [], None
+        images = []
+        for i, data in enumerate(self.init_images):
+            what = "the init image" if len(self.init_images) == 1 else f"init image {i + 1}"
+            try:
+                images.append(img2img.to_rgb(img2img.read_image(data, what), what))
+            except ValueError as e:
+                problems.append(str(e))
+        if self.mask is None or not images or len(images) < len(self.init_images):
+            return images, None
+        size = images[0].size
+        if any(im.size != size for im in images):
+            problems.append("with a mask, every init image must have the same size")
+            return images, None
+        try:
+            mask = img2img.binary_mask(img2img.read_image(self.mask, "the mask"))
+            return images, img2img.fit_mask(mask, size)
+        except ValueError as e:
+            problems.append(str(e))
+            return images, None
+
+    def _option_problems(self) -> list[str]:
+        problems = []
+        strength = self.denoising_strength
+        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+            problems.append(f"denoising_strength must be a number from 0 to 1, got {strength!r}")
+        elif strength > 0 and isinstance(self.steps, int) and not isinstance(self.steps, bool) and 1 <= self.steps <= MAX_STEPS:
+            with contextlib.suppress(ValueError):
+                sampler = find_sampler(self.sampler_name)
+                if sampler.own_levels and self.steps - img2img_start(self.steps, strength) < 2:
+                    problems.append(
+                        f"{sampler.name} needs at least 2 noise levels, but denoising strength {strength} of "
+                        f"{self.steps} steps leaves 1; raise the strength or the steps, or pick another sampler"
+                    )
+        weight = self.inpainting_mask_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
+            problems.append(f"inpainting_mask_weight must be a number from 0 to 1, got {weight!r}")
+        for name, value, choices in (
+            ("resize_mode", self.resize_mode, [m.name for m in img2img.RESIZE_MODES]),
+            ("inpainting_fill", self.inpainting_fill, img2img.MASKED_CONTENT),
+            ("inpainting_mask_invert", self.inpainting_mask_invert, img2img.MASK_MODES),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(choices):
+                listed = ", ".join(f"{i} ({c})" for i, c in enumerate(choices))
+                problems.append(f"{name} must be one of {listed}; got {value!r}")
+        for name, value, high in (
+            ("mask_blur", self.mask_blur, 128),
+            ("inpaint_full_res_padding", self.inpaint_full_res_padding, 256),
+            ("outpaint_pixels", self.outpaint_pixels, MAX_OUTPAINT_PIXELS),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
+                problems.append(f"{name} must be a whole number from 0 to {high}, got {value!r}")
+        if not isinstance(self.inpaint_full_res, (bool, int)) or self.inpaint_full_res not in (0, 1):
+            problems.append(f"inpaint_full_res must be true or false, got {self.inpaint_full_res!r}")
+        if isinstance(self.outpaint_pixels, int) and self.outpaint_pixels % 8:
+            problems.append(f"outpaint_pixels must be a multiple of 8, got {self.outpaint_pixels}")
+        directions = self.outpaint_directions
+        if self.outpaint_pixels and (
+            isinstance(directions, str) or not isinstance(directions, (tuple, list)) or not directions
+            or any(d not in img2img.OUTPAINT_DIRECTIONS for d in directions)
+        ):
+            problems.append(f"outpaint_directions must be one or more of {', '.join(img2img.OUTPAINT_DIRECTIONS)}; got {directions!r}")
+        return problems

@@ -29,6 +29,25 @@ class Txt2ImgBody(BaseModel):
     save_images: bool = False
 
 
+class Img2ImgBody(Txt2ImgBody):
+    """A1111's /sdapi/v1/img2img body: images as base64 (data: URLs allowed), options by index."""
+
+    init_images: list[str] = Field(default_factory=list)
+    mask: str | None = None
+    denoising_strength: float = 0.75
+    resize_mode: int = 0
+    mask_blur: int | None = None  # sets both of the two below
+    mask_blur_x: int = 4
+    mask_blur_y: int = 4
+    inpainting_fill: int = 0
+    inpaint_full_res: bool | int = True
+    inpaint_full_res_padding: int = 0
+    inpainting_mask_invert: int = 0
+    include_init_images: bool = False
+    script_name: str | None = None
+    script_args: list[Any] = Field(default_factory=list)
+
+
 class ImagesResponse(BaseModel):
     images: list[str]
     parameters: dict[str, Any]

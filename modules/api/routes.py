@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import base64
-import binascii
-import io
 import json
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from modules import metadata, pipeline, storage
+from modules import img2img, metadata, pipeline, storage
 from modules.api import models as api
 from modules.jobs import Job
-from modules.request import GenerationRequest, RequestError
+from modules.request import GenerationRequest, Img2ImgRequest, RequestError
 from modules.sampling.registry import SAMPLERS
 from modules.sampling.schedules import SCHEDULES
 
@@ -27,6 +25,35 @@ OVERRIDES = {
 
 
 def request_from_body(body: api.Txt2ImgBody) -> GenerationRequest:
+    return GenerationRequest(**_common_fields(body))
+
+
+def img2img_request_from_body(body: api.Img2ImgBody) -> Img2ImgRequest:
+    blur = body.mask_blur
+    if blur is None:
+        if body.mask_blur_x != body.mask_blur_y:
+            raise RequestError("different horizontal and vertical mask blur is not supported; send mask_blur")
+        blur = body.mask_blur_x
+    fields = dict(
+        init_images=tuple(body.init_images),
+        mask=body.mask,
+        denoising_strength=body.denoising_strength,
+        resize_mode=body.resize_mode,
+        mask_blur=blur,
+        inpainting_fill=body.inpainting_fill,
+        inpaint_full_res=body.inpaint_full_res,
+        inpaint_full_res_padding=body.inpaint_full_res_padding,
+        inpainting_mask_invert=body.inpainting_mask_invert,
+    )
+    if body.script_name:
+        if body.script_name.strip().lower() != img2img.OUTPAINT_SCRIPT.lower():
+            raise RequestError(f"script {body.script_name!r} is not available; img2img has: {img2img.OUTPAINT_SCRIPT}")
+        args = list(body.script_args[:4]) + list(img2img.OUTPAINT_DEFAULTS[len(body.script_args):])
+        fields.update(img2img.outpaint_fields(*args))
+    return Img2ImgRequest(**_common_fields(body), **fields)
+
+
+def _common_fields(body: api.Txt2ImgBody) -> dict:
     fields = dict(
         prompt=body.prompt,
         negative_prompt=body.negative_prompt,
@@ -45,7 +72,7 @@ def request_from_body(body: api.Txt2ImgBody) -> GenerationRequest:
             fields[OVERRIDES[key]] = value
     if isinstance(fields.get("noise_source"), str):
         fields["noise_source"] = fields["noise_source"].upper()
-    return GenerationRequest(**fields)
+    return fields
 
 
 def encode_png(image: Image.Image, infotext: str | None) -> str:
@@ -53,30 +80,22 @@ def encode_png(image: Image.Image, infotext: str | None) -> str:
 
 
 def decode_image(data: str) -> Image.Image:
-    if data.startswith("data:") and "," in data:
-        data = data.split(",", 1)[1]
     try:
-        raw = base64.b64decode(data, validate=True)
-        image = Image.open(io.BytesIO(raw))
-        image.load()
-        return image
-    except (binascii.Error, ValueError) as e:
-        raise HTTPException(422, f"image is not valid base64: {e}")
-    except (UnidentifiedImageError, OSError) as e:
-        raise HTTPException(422, f"image could not be read as a picture: {e}")
+        return img2img.read_image(data, "image")
+    except ValueError as e:
+        raise HTTPException(422, str(e))
 
 
 def create_router(ctx) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1")
 
-    @router.post("/txt2img", response_model=api.ImagesResponse)
-    def txt2img(body: api.Txt2ImgBody):
+    def run(make_request, body: api.Txt2ImgBody, parameters: dict):
         try:
-            request = request_from_body(body).validate()
+            request = make_request(body).validate()
         except (RequestError, TypeError) as e:
             raise HTTPException(422, str(e))
         try:
-            result = ctx.jobs.run(Job(description="txt2img (api)"), pipeline.generate, ctx, request, save=body.save_images)
+            result = ctx.jobs.run(Job(description=f"{request.mode} (api)"), pipeline.generate, ctx, request, save=body.save_images)
         except LookupError as e:
             raise HTTPException(404, str(e))
         except ValueError as e:
@@ -92,11 +111,22 @@ def create_router(ctx) -> APIRouter:
             "cfg_scale": result.request.cfg_scale,
             "width": result.request.width,
             "height": result.request.height,
+            "denoising_strength": getattr(result.request, "denoising_strength", None),
             "infotexts": result.infotexts,
             "interrupted": result.interrupted,
         }
         images = [encode_png(i, t) for i, t in zip(result.images, result.infotexts)] if body.send_images else []
-        return api.ImagesResponse(images=images, parameters=body.model_dump(), info=json.dumps(info))
+        return api.ImagesResponse(images=images, parameters=parameters, info=json.dumps(info))
+
+    @router.post("/txt2img", response_model=api.ImagesResponse)
+    def txt2img(body: api.Txt2ImgBody):
+        return run(request_from_body, body, body.model_dump())
+
+    @router.post("/img2img", response_model=api.ImagesResponse)
+    def img2img_route(body: api.Img2ImgBody):
+        # As A1111: the (large) pictures are echoed back only when asked for.
+        parameters = body.model_dump(exclude=set() if body.include_init_images else {"init_images", "mask"})
+        return run(img2img_request_from_body, body, parameters)
 
     @router.get("/samplers", response_model=list[api.SamplerItem])
     def samplers():

@@ -57,6 +57,12 @@ class SDModel(nn.Module):
         return self.first_stage_model.post_quant_conv.in_channels
 
     @property
+    def concat_channels(self) -> int:
+        """Channels the UNet takes besides the latent: 5 for inpainting models (mask and
+        masked-image latent, given as c_concat), 0 for the others."""
+        return self.spec.unet["in_channels"] - self.latent_channels
+
+    @property
     def downscale(self) -> int:
         """Pixels per latent cell along each side."""
         return self.first_stage_model.downscale

@@ -67,6 +67,11 @@ class CFGDenoiser(nn.Module):
     Called by k-diffusion samplers as `model(x, sigma, **extra_args)` with extra_args
     `{"conditioning": Conditioning, "cond_scale": float}` (plus `c_concat` for inpainting models).
 
+    Inpainting adds `init_latent` and `keep` (1 where the original stays, 0 where it is
+    regenerated): as A1111 does for k-diffusion samplers, every denoised estimate is replaced by
+    the original latent outside the mask, so each step's x is the original plus that step's noise
+    there and only the masked part is free to change.
+
     `step` picks the prompt-editing stage: conditioning tensors are `ScheduledCond.at(self.step)`.
     It starts at 0; `registry.run_sampler` sets it to (its value at the start) + i + 1 when the
     sampler reports step i, so evaluations for step i + 1 use that step's prompt. Set it before
@@ -83,7 +88,7 @@ class CFGDenoiser(nn.Module):
         self.max_batch = max_batch
         self.step = 0
 
-    def forward(self, x, sigma, *, conditioning, cond_scale, c_concat=None):
+    def forward(self, x, sigma, *, conditioning, cond_scale, c_concat=None, init_latent=None, keep=None):
         batch = x.shape[0]
         if len(conditioning.cond) != batch or len(conditioning.uncond) != batch:
             raise ValueError(
@@ -115,7 +120,10 @@ class CFGDenoiser(nn.Module):
                 result += (cond_out[row] - base) * (weight * cond_scale)
                 row += 1
             denoised.append(result)
-        return torch.stack(denoised)
+        denoised = torch.stack(denoised)
+        if keep is not None:
+            denoised = denoised * (1 - keep) + init_latent * keep
+        return denoised
 
     def _denoise(self, x, sigma, contexts, c_concat):
         """Runs the model over all rows, grouping rows whose contexts have the same shape

@@ -99,3 +99,17 @@ def get_sigmas(schedule_name: str | None, steps: int, denoiser, sampler=None) ->
     if discard:
         sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
     return sigmas
+
+
+def img2img_start(steps: int, strength: float) -> int:
+    """Where img2img enters the `steps + 1` levels of `get_sigmas`: it samples sigmas[start:].
+
+    A1111's rule (with "img2img_fix_steps" off): t_enc = int(min(strength, 0.999) * steps) and
+    the run takes the last t_enc + 2 levels, i.e. t_enc + 1 steps. So 20 steps at strength 0.5
+    run 11 steps from sigmas[9] and strength 1 runs all 20 from sigma_max. At strength 0 A1111
+    still takes one step from the smallest level; here there is nothing to denoise and no step
+    is taken (start = steps), so the picture comes back as the VAE gives it."""
+    if strength <= 0:
+        return steps
+    t_enc = int(min(float(strength), 0.999) * steps)
+    return steps - t_enc - 1

@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import logging
 import time
+from dataclasses import dataclass
 
 import gradio as gr
 
@@ -54,3 +55,54 @@ def run_with_progress(ctx, job: Job, fn, *args):
     if error is not None:
         raise gr.Error(error_message(error))
     yield "done", future.result()
+
+
+def infotext_html(infotexts: list[str]) -> str:
+    return "".join(f'<pre class="infotext">{html.escape(t)}</pre>' for t in infotexts[:1])
+
+
+@dataclass
+class OutputPanel:
+    """The right-hand column of a generating tab: progress, live preview, gallery, infotext, and
+    the last seed (for the reuse-seed button)."""
+
+    progress: gr.HTML
+    preview: gr.Image
+    gallery: gr.Gallery
+    infotext: gr.HTML
+    last_seed: gr.State
+
+    @classmethod
+    def build(cls, prefix: str) -> "OutputPanel":
+        return cls(
+            progress=gr.HTML(elem_id=f"{prefix}_progress"),
+            preview=gr.Image(label="Preview", visible=False, interactive=False, elem_id=f"{prefix}_preview"),
+            gallery=gr.Gallery(label="Output", columns=2, elem_id=f"{prefix}_gallery", format="png"),
+            infotext=gr.HTML(elem_id=f"{prefix}_infotext"),
+            last_seed=gr.State(-1),
+        )
+
+    @property
+    def components(self) -> list:
+        return [self.progress, self.preview, self.gallery, self.infotext, self.last_seed]
+
+    def stream(self, ctx, job: Job, fn, *args):
+        """Generator for a Gradio handler: runs fn(ctx, *args) on the job queue, yields progress
+        and preview updates while it runs, then the result's images and infotext; returns the
+        result (for `result = yield from panel.stream(...)`)."""
+        for kind, payload in run_with_progress(ctx, job, fn, *args):
+            if kind == "progress":
+                job_now, new_preview = payload
+                yield {self.progress: progress_html(job_now)} | (
+                    {self.preview: gr.update(value=new_preview, visible=True)} if new_preview is not None else {}
+                )
+            else:
+                result = payload
+                yield {
+                    self.progress: "",
+                    self.preview: gr.update(value=None, visible=False),
+                    self.gallery: [str(p) for p in result.paths] if result.paths else result.images,
+                    self.infotext: infotext_html(result.infotexts),
+                    self.last_seed: result.seeds[0] if result.seeds else -1,
+                }
+                return result

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import html
-
 import gradio as gr
 
 from modules import pipeline
@@ -11,11 +9,7 @@ from modules.jobs import Job
 from modules.request import GenerationRequest, RequestError
 from modules.sampling.registry import SAMPLERS
 from modules.sampling.schedules import SCHEDULES
-from modules.ui.common import progress_html, run_with_progress
-
-
-def infotext_html(infotexts: list[str]) -> str:
-    return "".join(f'<pre class="infotext">{html.escape(t)}</pre>' for t in infotexts[:1])
+from modules.ui.common import OutputPanel
 
 
 def build(ctx, checkpoint: gr.Dropdown) -> dict:
@@ -50,11 +44,7 @@ def build(ctx, checkpoint: gr.Dropdown) -> dict:
                 clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip", elem_id="txt2img_clip_skip")
                 noise_source = gr.Radio(["CPU", "GPU"], value=ctx.settings.noise_source, label="Random number source", elem_id="txt2img_noise_source")
         with gr.Column():
-            progress = gr.HTML(elem_id="txt2img_progress")
-            preview = gr.Image(label="Preview", visible=False, interactive=False, elem_id="txt2img_preview")
-            gallery = gr.Gallery(label="Output", columns=2, elem_id="txt2img_gallery", format="png")
-            infotext = gr.HTML(elem_id="txt2img_infotext")
-            last_seed = gr.State(-1)
+            out = OutputPanel.build("txt2img")
 
     inputs = [prompt, negative, sampler, scheduler, steps, cfg_scale, seed, width, height, batch_count, batch_size, clip_skip, noise_source, checkpoint]
 
@@ -68,30 +58,14 @@ def build(ctx, checkpoint: gr.Dropdown) -> dict:
             ).validate()
         except (RequestError, TypeError, ValueError) as e:
             raise gr.Error(str(e))
-        job = Job(description="txt2img")
-        for kind, payload in run_with_progress(ctx, job, pipeline.generate, request):
-            if kind == "progress":
-                job_now, new_preview = payload
-                yield {progress: progress_html(job_now)} | (
-                    {preview: gr.update(value=new_preview, visible=True)} if new_preview is not None else {}
-                )
-            else:
-                result = payload
-                shown = [str(p) for p in result.paths] if result.paths else result.images
-                yield {
-                    progress: "",
-                    preview: gr.update(value=None, visible=False),
-                    gallery: shown,
-                    infotext: infotext_html(result.infotexts),
-                    last_seed: result.seeds[0] if result.seeds else -1,
-                }
+        yield from out.stream(ctx, Job(description="txt2img"), pipeline.generate, request)
 
-    outputs = [progress, preview, gallery, infotext, last_seed]
+    outputs = out.components
     generate.click(run, inputs=inputs, outputs=outputs, concurrency_limit=None)
     prompt.submit(run, inputs=inputs, outputs=outputs, concurrency_limit=None)
     interrupt.click(lambda: ctx.jobs.interrupt(), queue=False)
     skip.click(lambda: ctx.jobs.skip(), queue=False)
     random_seed.click(lambda: -1, outputs=seed, queue=False)
-    reuse_seed.click(lambda s: s, inputs=last_seed, outputs=seed, queue=False)
+    reuse_seed.click(lambda s: s, inputs=out.last_seed, outputs=seed, queue=False)
     return {"width": width, "height": height, "prompt": prompt, "negative_prompt": negative, "sampler": sampler,
             "scheduler": scheduler, "steps": steps, "cfg_scale": cfg_scale, "seed": seed}

@@ -1,0 +1,192 @@
+"""The img2img tab: a picture (to redraw, to inpaint with a painted or uploaded mask, or a folder
+of them) and the settings -> Img2ImgRequest -> pipeline.generate -> gallery and infotext."""
+
+from __future__ import annotations
+
+import gradio as gr
+import numpy as np
+from PIL import Image
+
+from modules import img2img, img2img_batch, pipeline
+from modules.jobs import Job
+from modules.request import Img2ImgRequest, RequestError
+from modules.sampling.registry import SAMPLERS
+from modules.sampling.schedules import SCHEDULES
+from modules.ui.common import OutputPanel
+
+# The source tabs, in order: the index is what the tab's select event stores.
+SOURCES = ("img2img", "Inpaint", "Inpaint upload", "Batch")
+INPAINTING_SOURCES = (1, 2, 3)
+SCRIPTS = ("None", img2img.OUTPAINT_SCRIPT)
+SIDE_RANGE = (64, 2048)
+
+
+def mask_from_layers(layers) -> Image.Image | None:
+    """The painted mask of an ImageEditor value: the opacity of all paint layers together
+    (whatever the brush colour); None when nothing was painted."""
+    alphas = [np.asarray(layer.convert("RGBA"))[..., 3] for layer in layers or [] if layer is not None]
+    if not alphas or not any(a.any() for a in alphas):
+        return None
+    shape = alphas[0].shape
+    if any(a.shape != shape for a in alphas):
+        raise RequestError("the paint layers have different sizes; clear the canvas and paint again")
+    return Image.fromarray(np.maximum.reduce(alphas), "L")
+
+
+def size_of(image: Image.Image | None) -> tuple:
+    """The picture's size as the width and height settings: a multiple of 8 within the sliders."""
+    if image is None:
+        return gr.update(), gr.update()
+    low, high = SIDE_RANGE
+    return tuple(min(high, max(low, round(side / 8) * 8)) for side in image.size)
+
+
+def build(ctx, checkpoint: gr.Dropdown) -> dict:
+    defaults = Img2ImgRequest()
+    source = gr.State(0)
+    with gr.Row():
+        with gr.Column(scale=4):
+            prompt = gr.Textbox(label="Prompt", lines=3, elem_id="img2img_prompt", placeholder="Prompt (press Ctrl+Enter to generate)")
+            negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="img2img_neg_prompt")
+        with gr.Column(scale=1, min_width=160):
+            generate = gr.Button("Generate", variant="primary", elem_id="img2img_generate")
+            with gr.Row():
+                interrupt = gr.Button("Interrupt", elem_id="img2img_interrupt", size="sm")
+                skip = gr.Button("Skip", elem_id="img2img_skip", size="sm")
+    with gr.Row():
+        with gr.Column():
+            with gr.Tabs(elem_id="img2img_sources"):
+                with gr.Tab(SOURCES[0], id="img2img_tab_img2img") as tab_img2img:
+                    image = gr.Image(label="Image for img2img", type="pil", image_mode=None, sources=["upload", "clipboard"],
+                                     elem_id="img2img_image", height=420)
+                with gr.Tab(SOURCES[1], id="img2img_tab_inpaint") as tab_inpaint:
+                    editor = gr.ImageEditor(
+                        label="Image for inpainting: paint over what to regenerate", type="pil", image_mode="RGBA",
+                        sources=["upload", "clipboard"], brush=gr.Brush(colors=["#ffffff", "#000000"], default_size=16),
+                        layers=False, transforms=(), format="png", elem_id="img2img_inpaint_editor", height=420,
+                    )
+                with gr.Tab(SOURCES[2], id="img2img_tab_inpaint_upload") as tab_upload:
+                    upload_image = gr.Image(label="Image", type="pil", image_mode=None, sources=["upload", "clipboard"],
+                                            elem_id="img2img_inpaint_upload_image")
+                    upload_mask = gr.Image(label="Mask (white: regenerate)", type="pil", image_mode=None, sources=["upload", "clipboard"],
+                                           elem_id="img2img_inpaint_upload_mask")
+                with gr.Tab(SOURCES[3], id="img2img_tab_batch") as tab_batch:
+                    gr.Markdown("Process every picture in a folder on the server; results take the pictures' names.")
+                    input_dir = gr.Textbox(label="Input directory", elem_id="img2img_batch_input_dir")
+                    output_dir = gr.Textbox(label="Output directory (empty: outputs/img2img-images)", elem_id="img2img_batch_output_dir")
+                    mask_dir = gr.Textbox(label="Inpaint batch mask directory (optional: masks named like the pictures)",
+                                          elem_id="img2img_batch_inpaint_mask_dir")
+            resize_mode = gr.Radio([m.name for m in img2img.RESIZE_MODES], value=img2img.RESIZE_MODES[defaults.resize_mode].name,
+                                   type="index", label="Resize mode", elem_id="img2img_resize_mode")
+            with gr.Group(visible=False) as inpaint_options:
+                mask_blur = gr.Slider(0, 64, value=defaults.mask_blur, step=1, label="Mask blur", elem_id="img2img_mask_blur")
+                mask_mode = gr.Radio(list(img2img.MASK_MODES), value=img2img.MASK_MODES[0], type="index", label="Mask mode",
+                                     elem_id="img2img_mask_mode")
+                masked_content = gr.Radio(list(img2img.MASKED_CONTENT), value=img2img.MASKED_CONTENT[defaults.inpainting_fill],
+                                          type="index", label="Masked content", elem_id="img2img_inpainting_fill")
+                with gr.Row():
+                    inpaint_area = gr.Radio(list(img2img.INPAINT_AREAS), value=img2img.INPAINT_AREAS[0], type="index",
+                                            label="Inpaint area", elem_id="img2img_inpaint_full_res")
+                    padding = gr.Slider(0, 256, value=defaults.inpaint_full_res_padding, step=4, label="Only masked padding, pixels",
+                                        elem_id="img2img_inpaint_full_res_padding")
+            with gr.Row():
+                sampler = gr.Dropdown([s.name for s in SAMPLERS], value=defaults.sampler_name, label="Sampling method", elem_id="img2img_sampler")
+                scheduler = gr.Dropdown([s.label for s in SCHEDULES], value=defaults.scheduler, label="Schedule type", elem_id="img2img_scheduler")
+            steps = gr.Slider(1, 150, value=defaults.steps, step=1, label="Sampling steps", elem_id="img2img_steps")
+            with gr.Row():
+                width = gr.Slider(*SIDE_RANGE, value=defaults.width, step=8, label="Width", elem_id="img2img_width")
+                height = gr.Slider(*SIDE_RANGE, value=defaults.height, step=8, label="Height", elem_id="img2img_height")
+            with gr.Row():
+                batch_count = gr.Slider(1, 100, value=1, step=1, label="Batch count", elem_id="img2img_batch_count")
+                batch_size = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id="img2img_batch_size")
+            cfg_scale = gr.Slider(1, 30, value=defaults.cfg_scale, step=0.5, label="CFG Scale", elem_id="img2img_cfg_scale")
+            denoising = gr.Slider(0, 1, value=defaults.denoising_strength, step=0.01, label="Denoising strength",
+                                  elem_id="img2img_denoising_strength")
+            with gr.Row():
+                seed = gr.Number(value=-1, label="Seed", precision=0, elem_id="img2img_seed")
+                random_seed = gr.Button("🎲", size="sm", min_width=40, elem_id="img2img_random_seed")
+                reuse_seed = gr.Button("♻", size="sm", min_width=40, elem_id="img2img_reuse_seed")
+            with gr.Accordion("Advanced", open=False):
+                clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip", elem_id="img2img_clip_skip")
+                noise_source = gr.Radio(["CPU", "GPU"], value=ctx.settings.noise_source, label="Random number source", elem_id="img2img_noise_source")
+                mask_weight = gr.Slider(0, 1, value=defaults.inpainting_mask_weight, step=0.01,
+                                        label="Conditional mask weight (inpainting models)", elem_id="img2img_inpainting_mask_weight")
+            script = gr.Dropdown(list(SCRIPTS), value=SCRIPTS[0], label="Script", elem_id="img2img_script")
+            pixels_default, blur_default, content_default, directions_default = img2img.OUTPAINT_DEFAULTS
+            with gr.Group(visible=False) as outpaint_options:
+                out_pixels = gr.Slider(8, 256, value=pixels_default, step=8, label="Pixels to expand", elem_id="img2img_outpaint_pixels")
+                out_blur = gr.Slider(0, 64, value=blur_default, step=1, label="Mask blur", elem_id="img2img_outpaint_mask_blur")
+                out_content = gr.Radio(list(img2img.MASKED_CONTENT), value=img2img.MASKED_CONTENT[content_default], type="index",
+                                       label="Masked content", elem_id="img2img_outpaint_masked_content")
+                out_directions = gr.CheckboxGroup(list(img2img.OUTPAINT_DIRECTIONS), value=list(directions_default),
+                                                  label="Outpainting direction", elem_id="img2img_outpaint_directions")
+        with gr.Column():
+            out = OutputPanel.build("img2img")
+
+    inputs = {
+        source, prompt, negative, image, editor, upload_image, upload_mask, input_dir, output_dir, mask_dir, resize_mode,
+        mask_blur, mask_mode, masked_content, inpaint_area, padding, sampler, scheduler, steps, width, height,
+        batch_count, batch_size, cfg_scale, denoising, seed, clip_skip, noise_source, mask_weight, script,
+        out_pixels, out_blur, out_content, out_directions, checkpoint,
+    }
+
+    def make_request(v: dict) -> Img2ImgRequest:
+        """The request the widgets describe (not yet validated); for Batch, without pictures."""
+        kind = v[source]
+        pictures, mask = {
+            0: lambda: (v[image], None),
+            1: lambda: ((v[editor] or {}).get("background"), mask_from_layers((v[editor] or {}).get("layers"))),
+            2: lambda: (v[upload_image], v[upload_mask]),
+            3: lambda: (None, None),
+        }[kind]()
+        if kind in (1, 2) and pictures is not None and mask is None:
+            raise RequestError("no mask: paint over the part of the picture to regenerate" if kind == 1 else "upload a mask too")
+        fields = dict(
+            prompt=v[prompt], negative_prompt=v[negative], sampler_name=v[sampler], scheduler=v[scheduler],
+            steps=int(v[steps]), cfg_scale=float(v[cfg_scale]), seed=int(v[seed] if v[seed] is not None else -1),
+            width=int(v[width]), height=int(v[height]), batch_count=int(v[batch_count]), batch_size=int(v[batch_size]),
+            clip_skip=int(v[clip_skip]), noise_source=v[noise_source], checkpoint=v[checkpoint] or None,
+            init_images=(pictures,) if pictures is not None else (), mask=mask,
+            denoising_strength=float(v[denoising]), resize_mode=v[resize_mode], mask_blur=int(v[mask_blur]),
+            inpainting_fill=v[masked_content], inpaint_full_res=bool(v[inpaint_area]),
+            inpaint_full_res_padding=int(v[padding]), inpainting_mask_invert=v[mask_mode],
+            inpainting_mask_weight=float(v[mask_weight]),
+        )
+        if v[script] == img2img.OUTPAINT_SCRIPT:
+            fields.update(img2img.outpaint_fields(int(v[out_pixels]), int(v[out_blur]), v[out_content], v[out_directions]))
+        return Img2ImgRequest(**fields)
+
+    def run(v: dict):
+        try:
+            request = make_request(v)
+            if v[source] != 3:
+                request = request.validate()
+        except (RequestError, TypeError, ValueError) as e:
+            raise gr.Error(str(e))
+        if v[source] == 3:
+            result = yield from out.stream(ctx, Job(description="img2img batch"), img2img_batch.run_folder,
+                                           request, v[input_dir], v[output_dir], v[mask_dir])
+            if result.skipped:
+                gr.Warning("Skipped: " + "; ".join(result.skipped))
+        else:
+            yield from out.stream(ctx, Job(description="img2img"), pipeline.generate, request)
+
+    outputs = out.components
+    generate.click(run, inputs=inputs, outputs=outputs, concurrency_limit=None)
+    prompt.submit(run, inputs=inputs, outputs=outputs, concurrency_limit=None)
+    interrupt.click(lambda: ctx.jobs.interrupt(), queue=False)
+    skip.click(lambda: ctx.jobs.skip(), queue=False)
+    random_seed.click(lambda: -1, outputs=seed, queue=False)
+    reuse_seed.click(lambda s: s, inputs=out.last_seed, outputs=seed, queue=False)
+
+    def chosen(index: int):
+        return lambda: (index, gr.update(visible=index in INPAINTING_SOURCES))
+
+    for index, tab in enumerate((tab_img2img, tab_inpaint, tab_upload, tab_batch)):
+        tab.select(chosen(index), outputs=[source, inpaint_options], queue=False)
+    image.upload(size_of, inputs=image, outputs=[width, height], queue=False)
+    upload_image.upload(size_of, inputs=upload_image, outputs=[width, height], queue=False)
+    editor.upload(lambda value: size_of((value or {}).get("background")), inputs=editor, outputs=[width, height], queue=False)
+    script.change(lambda name: gr.update(visible=name == img2img.OUTPAINT_SCRIPT), inputs=script, outputs=outpaint_options, queue=False)
+    return {"width": width, "height": height, "prompt": prompt, "negative_prompt": negative, "sampler": sampler,
+            "scheduler": scheduler, "steps": steps, "cfg_scale": cfg_scale, "seed": seed, "denoising_strength": denoising}
