@@ -346,10 +346,6 @@ class Prepared:
     params: dict[str, object] = field(default_factory=dict)  # infotext entries A1111 writes
     _encoded: torch.Tensor | None = field(default=None, repr=False)
 
-    @property
-    def output_size(self) -> tuple[int, int]:
-        return self.originals[0].size if self.paste_box else self.size
-
     def start(self, sd_model, seeds: Sequence[int], *, noise_source: str, device) -> tuple[InitLatent, torch.Tensor | None]:
         """(InitLatent, c_concat or None) for one batch, one image per seed; call with the VAE in place."""
         device = torch.device(device or "cpu")

@@ -24,3 +24,30 @@ def tiny_data_dir(tmp_path_factory):
     state = {k: v.contiguous() for k, v in tiny_sd_model(seed=0).state_dict().items()}
     save_file(state, folder / "tiny.safetensors", metadata={"resolution": "64"})
     return root
+
+
+@pytest.fixture(scope="session")
+def live_server(tiny_data_dir):
+    """The real web UI on 127.0.0.1 serving tiny_data_dir, started once for every test that drives it."""
+    from tests.server import running_server
+
+    with running_server(tiny_data_dir) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def builtin_ctx(tmp_path_factory):
+    """An AppContext whose only checkpoint is the shipped built-in model (64 px, draws coloured
+    shapes), for tests that need pictures that mean something."""
+    import shutil
+    from pathlib import Path
+
+    from modules.config import Flags
+    from modules.context import AppContext
+
+    root = tmp_path_factory.mktemp("builtin-data")
+    folder = root / "models" / "Stable-diffusion"
+    folder.mkdir(parents=True)
+    shipped = Path(__file__).resolve().parent.parent / "models" / "Stable-diffusion" / "builtin-shapes.safetensors"
+    shutil.copyfile(shipped, folder / shipped.name)
+    return AppContext.create(Flags(data_dir=root, device="cpu"))

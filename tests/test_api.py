@@ -10,13 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.server import running_server
-
 
 @pytest.fixture(scope="module")
-def server(tiny_data_dir):
-    with running_server(tiny_data_dir) as url:
-        yield url
+def server(live_server):
+    return live_server
 
 
 def txt2img(url, **body):

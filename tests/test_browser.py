@@ -6,8 +6,6 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.server import running_server
-
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = [
     pytest.mark.browser,
@@ -18,10 +16,11 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 
 @pytest.fixture(scope="module")
-def page(tiny_data_dir):
+def page(live_server):
     from playwright.sync_api import sync_playwright
 
-    with running_server(tiny_data_dir) as url, sync_playwright() as p:
+    url = live_server
+    with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
         page = browser.new_page()
         # Not "networkidle": Gradio keeps a heartbeat connection open for as long as the page lives.
@@ -32,11 +31,13 @@ def page(tiny_data_dir):
 
 
 def test_generate_shows_image_carrying_parameters(page):
+    from playwright.sync_api import expect
+
     page.locator("#txt2img_prompt textarea").fill("a green square in the corner")
     page.locator("#txt2img_steps input[type=number]").fill("6")
     page.locator("#txt2img_steps input[type=number]").press("Enter")
-    # The width and height follow the selected model's native resolution.
-    assert page.locator("#txt2img_width input[type=number]").input_value() == "64"
+    # The width and height follow the selected model's native resolution (set once the page has loaded).
+    expect(page.locator("#txt2img_width input[type=number]")).to_have_value("64", timeout=20_000)
     page.locator("#txt2img_generate").click()
     image = page.locator("#txt2img_gallery img").first
     image.wait_for(timeout=60_000)

@@ -186,7 +186,9 @@ def build(ctx, checkpoint: gr.Dropdown) -> dict:
         tab.select(chosen(index), outputs=[source, inpaint_options], queue=False)
     image.upload(size_of, inputs=image, outputs=[width, height], queue=False)
     upload_image.upload(size_of, inputs=upload_image, outputs=[width, height], queue=False)
-    editor.upload(lambda value: size_of((value or {}).get("background")), inputs=editor, outputs=[width, height], queue=False)
+    # Queued, unlike the others: the editor sends its picture as separate uploads, which an
+    # unqueued event did not receive.
+    editor.upload(lambda value: size_of((value or {}).get("background")), inputs=editor, outputs=[width, height])
     script.change(lambda name: gr.update(visible=name == img2img.OUTPAINT_SCRIPT), inputs=script, outputs=outpaint_options, queue=False)
     return {"width": width, "height": height, "prompt": prompt, "negative_prompt": negative, "sampler": sampler,
             "scheduler": scheduler, "steps": steps, "cfg_scale": cfg_scale, "seed": seed, "denoising_strength": denoising}

@@ -1,0 +1,87 @@
+"""The img2img tab's inpaint editor in headless Chromium: upload a picture, paint a stroke across it
+with the mouse, Generate, and check that only the painted band was redrawn."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+
+from tests.test_browser import CHROMIUM, FLAGS
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (python3 launch.py --test installs it as root)"),
+]
+SIZE = 128
+BRUSH = 16  # the editor's default brush radius, in picture pixels
+REACH = 10  # how far mask blur 4 spreads the mask
+
+
+@pytest.fixture(scope="module")
+def page(live_server):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(live_server, wait_until="load")
+        page.locator("#txt2img_prompt textarea").wait_for(timeout=60_000)
+        yield page
+        browser.close()
+
+
+def test_painted_stroke_is_redrawn_and_nothing_else(page, tmp_path):
+    from playwright.sync_api import expect
+
+    picture = Image.new("RGB", (SIZE, SIZE), (30, 60, 200))
+    ImageDraw.Draw(picture).ellipse((40, 40, 88, 88), fill=(220, 30, 30))
+    picture.save(tmp_path / "picture.png")
+
+    page.get_by_role("tab", name="img2img").first.click()
+    # A picture put in the img2img source sets the size to its own.
+    picture.resize((96, 64)).save(tmp_path / "wide.png")
+    page.locator("#img2img_image input[type=file]").set_input_files(tmp_path / "wide.png")
+    expect(page.locator("#img2img_width input[type=number]")).to_have_value("96", timeout=20_000)
+    expect(page.locator("#img2img_height input[type=number]")).to_have_value("64")
+
+    page.get_by_role("tab", name="Inpaint", exact=True).click()
+    editor = page.locator("#img2img_inpaint_editor")
+    editor.locator("input[type=file]").set_input_files(tmp_path / "picture.png")
+    for side in ("width", "height"):
+        number = page.locator(f"#img2img_{side} input[type=number]")
+        number.fill(str(SIZE))
+        number.press("Enter")
+
+    # A horizontal stroke through the middle: the picture sits centred in the canvas.
+    box = editor.locator("canvas").first.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x - 100, y)
+    page.mouse.down()
+    page.mouse.move(x + 100, y, steps=4)
+    page.mouse.up()
+
+    page.locator("#img2img_prompt textarea").fill("a large green square")
+    steps = page.locator("#img2img_steps input[type=number]")
+    steps.fill("4")
+    steps.press("Enter")
+    page.locator("#img2img_generate").click()
+    image = page.locator("#img2img_gallery img").first
+    image.wait_for(timeout=60_000)
+    response = page.request.get(image.get_attribute("src"))
+    assert response.ok
+    result = Image.open(io.BytesIO(response.body()))
+    assert result.size == (SIZE, SIZE)
+    assert "Mask blur: 4" in result.info["parameters"]
+
+    changed = np.abs(np.asarray(result.convert("RGB"), dtype=int) - np.asarray(picture, dtype=int)).sum(-1) > 0
+    centre = SIZE // 2
+    assert changed[centre - 4:centre + 4, centre - 8:centre + 8].all()  # inside the stroke
+    margin = BRUSH + REACH + 4
+    assert not changed[:centre - margin].any() and not changed[centre + margin:].any()  # above and below it
+    assert changed[centre - BRUSH - REACH:centre + BRUSH + REACH].any(1).sum() > 2 * BRUSH
+
+    # Generating again from the same canvas works as well.
+    page.locator("#img2img_seed input[type=number]").fill("5")
+    page.locator("#img2img_generate").click()
+    page.locator("#img2img_infotext").get_by_text("Seed: 5,").wait_for(timeout=60_000)
