@@ -47,11 +47,11 @@ def test_painted_stroke_is_redrawn_and_nothing_else(page, tmp_path):
 
     page.get_by_role("tab", name="Inpaint", exact=True).click()
     editor = page.locator("#img2img_inpaint_editor")
+    editor.locator("canvas").first.wait_for()  # the editor ignores files given before its canvas exists
     editor.locator("input[type=file]").set_input_files(tmp_path / "picture.png")
-    for side in ("width", "height"):
-        number = page.locator(f"#img2img_{side} input[type=number]")
-        number.fill(str(SIZE))
-        number.press("Enter")
+    # The size follows once the editor has taken the picture in (slow with software WebGL):
+    # painting before that could land on a canvas about to be replaced.
+    expect(page.locator("#img2img_width input[type=number]")).to_have_value(str(SIZE), timeout=60_000)
 
     # A horizontal stroke through the middle: the picture sits centred in the canvas.
     box = editor.locator("canvas").first.bounding_box()
@@ -67,7 +67,9 @@ def test_painted_stroke_is_redrawn_and_nothing_else(page, tmp_path):
     steps.press("Enter")
     page.locator("#img2img_generate").click()
     image = page.locator("#img2img_gallery img").first
-    image.wait_for(timeout=60_000)
+    outcome = image.or_(page.locator(".toast-body")).first
+    outcome.wait_for(timeout=60_000)
+    assert image.is_visible(), outcome.inner_text()
     response = page.request.get(image.get_attribute("src"))
     assert response.ok
     result = Image.open(io.BytesIO(response.body()))
