@@ -86,6 +86,10 @@ class Paths:
         return self.root / "outputs"
 
     @property
+    def styles_file(self) -> Path:
+        return self.root / "styles.csv"
+
+    @property
     def settings_file(self) -> Path:
         return self.root / "config.json"
 

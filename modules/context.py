@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from modules.config import Flags, Paths, Settings, load_settings, save_settings
+from modules.embeddings import EmbeddingDatabase
 from modules.jobs import JobQueue
+from modules.lora import LoraLibrary
 from modules.models.memory import DevicePolicy, ModelManager
+from modules.styles import StyleLibrary
 
 
 @dataclass
@@ -15,6 +18,9 @@ class AppContext:
     paths: Paths
     settings: Settings
     models: ModelManager
+    embeddings: EmbeddingDatabase
+    loras: LoraLibrary
+    styles: StyleLibrary
     jobs: JobQueue = field(default_factory=JobQueue)
 
     @classmethod
@@ -24,7 +30,12 @@ class AppContext:
             folder.mkdir(parents=True, exist_ok=True)
         settings = load_settings(paths.settings_file)
         models = ModelManager(paths, DevicePolicy.from_flags(flags), selected=flags.ckpt or settings.sd_model_checkpoint)
-        return cls(flags=flags, paths=paths, settings=settings, models=models)
+        return cls(
+            flags=flags, paths=paths, settings=settings, models=models,
+            embeddings=EmbeddingDatabase(paths.embeddings, paths.hash_cache),
+            loras=LoraLibrary(paths.lora, paths.hash_cache),
+            styles=StyleLibrary(paths.styles_file),
+        )
 
     def update_settings(self, **changes) -> Settings:
         self.settings = self.settings.replace(**changes)

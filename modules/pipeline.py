@@ -12,9 +12,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from modules import metadata, storage
-from modules.conditioning import encode_prompts
+from modules import embeddings as ti
+from modules import lora, metadata, storage
+from modules.conditioning import embeddings_used, encode_prompts
 from modules.context import AppContext
+from modules.extra_networks import strip_extra_networks
 from modules.jobs import Job, SamplingStopped
 from modules.request import GenerationRequest
 from modules.sampling.denoiser import CFGDenoiser, model_denoiser
@@ -46,20 +48,23 @@ def _no_offload(part: str):
 
 def sample_latents(sd_model, request: GenerationRequest, seeds: list[int], *, device=None,
                    using: Callable[[str], contextlib.AbstractContextManager] = _no_offload,
-                   callback: Callable[[dict], None] | None = None) -> torch.Tensor:
+                   callback: Callable[[dict], None] | None = None, embeddings=None) -> torch.Tensor:
     """Steps 3-5 for one batch (one image per seed): conditioning, seeded noise, sampling.
     `using(part)` puts a part of the model on the device while it works (offload modes);
-    `callback` sees k-diffusion's dict after each step and may raise SamplingStopped."""
+    `callback` sees k-diffusion's dict after each step and may raise SamplingStopped;
+    `embeddings` (an EmbeddingTable) gives the textual-inversion embeddings to use."""
     device = device or torch.device("cpu")
     sampler = find_sampler(request.sampler_name)
     denoiser = model_denoiser(sd_model)
     sigmas = get_sigmas(request.scheduler, request.steps, denoiser, sampler).to(device)
     latent_shape = (sd_model.latent_channels, request.height // sd_model.downscale, request.width // sd_model.downscale)
 
-    # 3. Text -> conditioning, one schedule per image (prompt editing switches at steps).
+    # 3. Text -> conditioning, one schedule per image (prompt editing switches at steps);
+    #    <lora:...> tags are not text, embeddings' vectors go where their names stand.
+    prompt, negative = strip_extra_networks(request.prompt), strip_extra_networks(request.negative_prompt)
     with using("text"), torch.no_grad():
         conditioning = encode_prompts(
-            sd_model, [request.prompt] * len(seeds), [request.negative_prompt] * len(seeds), request.steps, request.clip_skip
+            sd_model, [prompt] * len(seeds), [negative] * len(seeds), request.steps, request.clip_skip, embeddings=embeddings
         )
 
     # 4. Each image's starting noise from its own seed.
@@ -76,8 +81,11 @@ def sample_latents(sd_model, request: GenerationRequest, seeds: list[int], *, de
 
 def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None, save: bool | None = None) -> Result:
     """Runs every batch of the request; `save` None follows the user's setting."""
-    # 1. The request: validated once, seed fixed so every image can be reproduced.
-    request = request.validate().with_seed_resolved()
+    # 1. The request: validated before its styles are written into the prompts (their names) and
+    #    after (the prompts they make), seed fixed so every image can be reproduced; the LoRA
+    #    files the prompts name are found (or the job stops here, naming the one missing).
+    request = ctx.styles.apply(request.validate()).validate().with_seed_resolved()
+    loras = ctx.loras.resolve({"prompt": request.prompt, "negative_prompt": request.negative_prompt})
     job = job or Job()
     result = Result(request=request)
 
@@ -90,10 +98,17 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
     job.total_steps = request.batch_count * request.steps
     preview_every = ctx.settings.live_preview_every
     save = ctx.settings.save_images if save is None else save
+    embeddings = ctx.embeddings.table(sd_model.cond_stage_model.hidden_size)
+    texts = [strip_extra_networks(request.prompt), strip_extra_networks(request.negative_prompt)]
+    network_params = {
+        "Lora hashes": ctx.loras.infotext_value(loras),
+        "TI hashes": ti.infotext_value(embeddings_used(texts, request.steps, embeddings)),
+    }
 
     def using(part: str):
         return ctx.models.using(sd_model, part)
 
+    restore_weights = lora.apply(sd_model, loras)  # for this job only: undone in `finally`
     progress = tqdm(total=job.total_steps, desc=request.mode, unit="step", leave=False)
     try:
         for batch_index in range(request.batch_count):
@@ -117,7 +132,7 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
             # 3-5. Conditioning, noise, sampling.
             try:
                 latents = sample_latents(sd_model, request, batch_seeds, device=ctx.models.policy.device,
-                                         using=using, callback=on_step)
+                                         using=using, callback=on_step, embeddings=embeddings)
             except SamplingStopped as stopped:
                 latents = stopped.latent
                 result.interrupted = result.interrupted or job.interrupted
@@ -131,7 +146,8 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
                 infotext = metadata.format_infotext(
                     request.prompt,
                     request.negative_prompt,
-                    metadata.infotext_params(request, seed=seed, model_hash=model_hash, model_name=checkpoint.name),
+                    metadata.infotext_params(request, seed=seed, model_hash=model_hash, model_name=checkpoint.name)
+                    | network_params,
                 )
                 if save:
                     result.paths.append(storage.save_image(image, outdir, seed=seed, prompt=request.prompt, infotext=infotext))
@@ -141,4 +157,5 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
             job.step = first_step + request.steps
     finally:
         progress.close()
+        restore_weights()
     return result

@@ -55,6 +55,32 @@ class ModelItem(BaseModel):
     config: str | None = None
 
 
+class EmbeddingItem(BaseModel):
+    step: int | None
+    sd_checkpoint: str | None
+    sd_checkpoint_name: str | None
+    shape: int  # width of each vector
+    vectors: int
+
+
+class EmbeddingsResponse(BaseModel):
+    loaded: dict[str, EmbeddingItem]  # usable with the loaded model
+    skipped: dict[str, EmbeddingItem]  # made for a text encoder of another width
+
+
+class PromptStyleItem(BaseModel):
+    name: str
+    prompt: str | None
+    negative_prompt: str | None
+
+
+class LoraItem(BaseModel):
+    name: str
+    alias: str
+    path: str
+    metadata: dict[str, Any]
+
+
 class ProgressState(BaseModel):
     skipped: bool
     interrupted: bool

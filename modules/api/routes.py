@@ -39,6 +39,7 @@ def request_from_body(body: api.Txt2ImgBody) -> GenerationRequest:
         cfg_scale=body.cfg_scale,
         width=body.width,
         height=body.height,
+        styles=tuple(body.styles),
     )
     for key, value in body.override_settings.items():
         if key in OVERRIDES:
@@ -130,6 +131,26 @@ def create_router(ctx) -> APIRouter:
                 raise HTTPException(404, str(e))
             ctx.update_settings(sd_model_checkpoint=ctx.models.selected)
         return get_options()
+
+    @router.get("/embeddings", response_model=api.EmbeddingsResponse)
+    def embeddings():
+        def item(e):
+            return api.EmbeddingItem(step=e.step, sd_checkpoint=e.sd_checkpoint, sd_checkpoint_name=e.sd_checkpoint_name,
+                                     shape=e.width, vectors=e.count)
+
+        loaded, skipped = ctx.embeddings.split(ctx.models.loaded_text_width())
+        return api.EmbeddingsResponse(loaded={n: item(e) for n, e in loaded.items()},
+                                      skipped={n: item(e) for n, e in skipped.items()})
+
+    @router.get("/prompt-styles", response_model=list[api.PromptStyleItem])
+    def prompt_styles():
+        return [api.PromptStyleItem(name=s.name, prompt=s.prompt, negative_prompt=s.negative_prompt)
+                for s in ctx.styles.styles().values()]
+
+    @router.get("/loras", response_model=list[api.LoraItem])
+    def loras():
+        return [api.LoraItem(name=name, alias=name, path=str(path), metadata={})
+                for name, path in ctx.loras.available().items() if name == path.stem]
 
     @router.get("/progress", response_model=api.ProgressResponse)
     def progress(skip_current_image: bool = False):

@@ -11,6 +11,7 @@ from modules.jobs import Job
 from modules.request import GenerationRequest, RequestError
 from modules.sampling.registry import SAMPLERS
 from modules.sampling.schedules import SCHEDULES
+from modules.ui import prompt_tools
 from modules.ui.common import progress_html, run_with_progress
 
 
@@ -24,6 +25,7 @@ def build(ctx, checkpoint: gr.Dropdown) -> dict:
         with gr.Column(scale=4):
             prompt = gr.Textbox(label="Prompt", lines=3, elem_id="txt2img_prompt", placeholder="Prompt (press Ctrl+Enter to generate)")
             negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="txt2img_neg_prompt")
+            styles = prompt_tools.build_styles(ctx, prompt, negative, "txt2img")
         with gr.Column(scale=1, min_width=160):
             generate = gr.Button("Generate", variant="primary", elem_id="txt2img_generate")
             with gr.Row():
@@ -49,6 +51,7 @@ def build(ctx, checkpoint: gr.Dropdown) -> dict:
             with gr.Accordion("Advanced", open=False):
                 clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip", elem_id="txt2img_clip_skip")
                 noise_source = gr.Radio(["CPU", "GPU"], value=ctx.settings.noise_source, label="Random number source", elem_id="txt2img_noise_source")
+            prompt_tools.build_networks(ctx, "txt2img")
         with gr.Column():
             progress = gr.HTML(elem_id="txt2img_progress")
             preview = gr.Image(label="Preview", visible=False, interactive=False, elem_id="txt2img_preview")
@@ -56,15 +59,16 @@ def build(ctx, checkpoint: gr.Dropdown) -> dict:
             infotext = gr.HTML(elem_id="txt2img_infotext")
             last_seed = gr.State(-1)
 
-    inputs = [prompt, negative, sampler, scheduler, steps, cfg_scale, seed, width, height, batch_count, batch_size, clip_skip, noise_source, checkpoint]
+    inputs = [prompt, negative, sampler, scheduler, steps, cfg_scale, seed, width, height, batch_count, batch_size, clip_skip, noise_source, checkpoint, styles]
 
-    def run(prompt, negative, sampler, scheduler, steps, cfg_scale, seed, width, height, batch_count, batch_size, clip_skip, noise_source, checkpoint):
+    def run(prompt, negative, sampler, scheduler, steps, cfg_scale, seed, width, height, batch_count, batch_size, clip_skip, noise_source, checkpoint, styles):
         try:
             request = GenerationRequest(
                 prompt=prompt, negative_prompt=negative, sampler_name=sampler, scheduler=scheduler,
                 steps=int(steps), cfg_scale=float(cfg_scale), seed=int(seed if seed is not None else -1),
                 width=int(width), height=int(height), batch_count=int(batch_count), batch_size=int(batch_size),
                 clip_skip=int(clip_skip), noise_source=noise_source, checkpoint=checkpoint or None,
+                styles=tuple(styles or ()),
             ).validate()
         except (RequestError, TypeError, ValueError) as e:
             raise gr.Error(str(e))
