@@ -24,3 +24,23 @@ def tiny_data_dir(tmp_path_factory):
     state = {k: v.contiguous() for k, v in tiny_sd_model(seed=0).state_dict().items()}
     save_file(state, folder / "tiny.safetensors", metadata={"resolution": "64"})
     return root
+
+
+@pytest.fixture
+def data_dir(tiny_data_dir, tmp_path):
+    """A data folder of the test's own holding the tiny checkpoint, for tests that add files."""
+    import shutil
+
+    folder = tmp_path / "models" / "Stable-diffusion"
+    folder.mkdir(parents=True)
+    shutil.copy(tiny_data_dir / "models" / "Stable-diffusion" / "tiny.safetensors", folder)
+    return tmp_path
+
+
+@pytest.fixture
+def ctx(data_dir):
+    """An AppContext on `data_dir`, on the CPU, as webui.py would build it."""
+    from modules.config import Flags
+    from modules.context import AppContext
+
+    return AppContext.create(Flags(data_dir=data_dir, device="cpu"))

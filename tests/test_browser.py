@@ -58,3 +58,49 @@ def test_bad_input_shows_a_message_and_the_page_keeps_working(page):
     seed.fill("7")
     page.locator("#txt2img_generate").click()
     page.locator("#txt2img_infotext").get_by_text("Seed: 7,").wait_for(timeout=60_000)
+
+
+def test_save_a_style_pick_it_and_generate_with_it(page):
+    page.locator("#txt2img_prompt textarea").fill("{prompt} in a gold frame")
+    page.locator("#txt2img_neg_prompt textarea").fill("ugly")
+    page.locator("#txt2img_style_save_box").get_by_text("Save prompts as a style").click()
+    page.locator("#txt2img_style_name textarea, #txt2img_style_name input").first.fill("Framed")
+    page.locator("#txt2img_style_save").click()
+    page.locator("#txt2img_style_status").get_by_text("Saved style").wait_for(timeout=20_000)
+
+    page.locator("#txt2img_prompt textarea").fill("a blue star")
+    page.locator("#txt2img_neg_prompt textarea").fill("")
+    page.locator("#txt2img_styles input").click()
+    page.get_by_role("option", name="Framed").click()
+    page.locator("#txt2img_generate").click()
+    infotext = page.locator("#txt2img_infotext")
+    infotext.get_by_text("a blue star in a gold frame").wait_for(timeout=60_000)
+    assert "Negative prompt: ugly" in infotext.inner_text()
+
+
+@pytest.mark.parametrize("prompt, message", [
+    ("a (cat:1.2.3)", "'1.2.3' is not a plain number; write an attention weight like (word:1.2) (at character 8)"),
+    ("a cat <lora:nowhere:1>", "no LoRA named 'nowhere' (at character 7)"),
+])
+def test_prompt_errors_show_where_they_are(page, prompt, message):
+    page.locator("#txt2img_prompt textarea").fill(prompt)
+    page.locator("#txt2img_generate").click()
+    assert page.get_by_text(message).first.wait_for(timeout=30_000) is None
+
+
+def test_embeddings_and_loras_are_listed(page, tiny_data_dir):
+    import torch
+
+    files = [tiny_data_dir / "embeddings" / "zqxstyle.pt", tiny_data_dir / "models" / "Lora" / "zqxlora.safetensors"]
+    torch.save({"string_to_param": {"*": torch.zeros(2, 32)}}, files[0])
+    files[1].write_bytes(b"listed by name; read only when a prompt calls it")
+    try:
+        page.locator("#txt2img_extra_networks").get_by_text("Embeddings and LoRA").click()
+        page.locator("#txt2img_extra_networks_refresh").click()
+        listing = page.locator("#txt2img_extra_networks_list")
+        listing.get_by_text("zqxstyle").wait_for(timeout=20_000)
+        assert "2 vectors, 32 wide" in listing.inner_text()
+        assert "<lora:zqxlora:1>" in listing.inner_text()
+    finally:
+        for path in files:
+            path.unlink()
