@@ -139,9 +139,10 @@ class _ChunkBuilder:
         self.tokens.append(token)
         self.weights.append(weight)
 
-    def add_embedding(self, embedding, first_token: int, weight: float) -> None:
-        """An embedding's vectors as one unit: a chunk without room for all of them is closed."""
-        self._make_room(first_token)
+    def add_embedding(self, embedding, weight: float) -> None:
+        """An embedding's vectors as one unit: a chunk without room for all of them is closed.
+        (Never a comma, so that backtracking cannot split it.)"""
+        self._make_room(PLACEHOLDER_ID)
         if len(self.tokens) + embedding.count > CHUNK_TOKENS:
             self.close()
         self.fixes.append((len(self.tokens), embedding))
@@ -187,7 +188,7 @@ def prompt_chunks(text: str, comma_backtrack: int = COMMA_BACKTRACK, embeddings=
                 builder.add(tokens[position], weight)
                 position += 1
             else:
-                builder.add_embedding(found[0], tokens[position], weight)
+                builder.add_embedding(found[0], weight)
                 position += found[1]
     return builder.finish(), builder.token_count
 

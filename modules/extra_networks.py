@@ -5,6 +5,7 @@
 
 Every `<word:...>` tag is taken out of the text before the prompt is parsed and encoded, wherever
 it stands (inside prompt editing too: the network then applies to every step), as A1111 does.
+As in A1111, only the prompt has tags: in a negative prompt `<...>` is text.
 The arguments after the name follow A1111's LoRA tag: `<lora:name>` (weight 1),
 `<lora:name:te_weight>`, `<lora:name:te_weight:unet_weight>`, or named `te=...` / `unet=...`;
 without a UNet weight the text-encoder weight is used for both. What A1111 would fail on or

@@ -138,17 +138,19 @@ class LoraLayer:
     up: torch.Tensor
     alpha: float | None
 
-    def delta(self, shape: torch.Size) -> torch.Tensor:
-        """alpha / rank * up @ down in float32, shaped like the weight it adapts. A 3x3 conv LoRA
-        has a 3x3 `down` and a 1x1 `up`, whose product is again a 3x3 kernel."""
+    def delta(self, shape: torch.Size, device: torch.device | None = None) -> torch.Tensor:
+        """alpha / rank * up @ down in float32 on `device`, shaped like the weight it adapts. A
+        3x3 conv LoRA has a 3x3 `down` and a 1x1 `up`, whose product is again a 3x3 kernel."""
         rank = self.down.shape[0]
-        product = self.up.float().flatten(1) @ self.down.float().flatten(1)
+        product = self.up.to(device).float().flatten(1) @ self.down.to(device).float().flatten(1)
         scale = self.alpha / rank if self.alpha is not None else 1.0
         return (product * scale).reshape(shape)
 
     def fits(self, shape: torch.Size) -> bool:
-        return (self.up.ndim < 3 or tuple(self.up.shape[2:]) == (1, 1)) and \
-            self.up.shape[1] == self.down.shape[0] and self.up.shape[0] * self.down[0].numel() == math.prod(shape)
+        """Whether up @ down makes a weight of `shape` (a 1x1 conv LoRA fits a Linear and back)."""
+        up_is_1x1 = self.up.ndim < 3 or tuple(self.up.shape[2:]) == (1, 1)
+        ranks_agree = self.up.shape[1] == self.down.shape[0]
+        return up_is_1x1 and ranks_agree and self.up.shape[0] * self.down[0].numel() == math.prod(shape)
 
 
 @dataclass(frozen=True, eq=False)
@@ -232,18 +234,17 @@ class LoraLibrary:
                 del self._cache[next(iter(self._cache))]
         return lora
 
-    def resolve(self, prompts: dict[str, str]) -> list[tuple[LoraFile, NetworkCall]]:
-        """The LoRA calls of the prompts (field name -> text, already validated) with their files.
-        An unknown name is a LoraError naming it, where it stands, and what there is."""
+    def resolve(self, prompt: str) -> list[tuple[LoraFile, NetworkCall]]:
+        """The LoRA calls of a (validated) prompt with their files. An unknown name is a
+        LoraError naming it, where it stands, and what there is."""
         available = self.available()
         resolved = []
-        for field, text in prompts.items():
-            for call in parse_extra_networks(text)[1]:
-                path = available.get(call.name)
-                if path is None:
-                    known = ", ".join(sorted({p.stem for p in available.values()})) or f"none: put .safetensors files in {self.folder}"
-                    raise LoraError(f"{field}: there is no LoRA named {call.name!r} (at character {call.position + 1}); available: {known}")
-                resolved.append((self.load(call.name, path), call))
+        for call in parse_extra_networks(prompt)[1]:
+            path = available.get(call.name)
+            if path is None:
+                known = ", ".join(sorted({p.stem for p in available.values()})) or f"none: put .safetensors files in {self.folder}"
+                raise LoraError(f"prompt: there is no LoRA named {call.name!r} (at character {call.position + 1}); available: {known}")
+            resolved.append((self.load(call.name, path), call))
         return resolved
 
     def infotext_value(self, resolved: list[tuple[LoraFile, NetworkCall]]) -> str | None:
@@ -302,7 +303,7 @@ def apply(sd_model, resolved: list[tuple[LoraFile, NetworkCall]]) -> Callable[[]
                 original = weight.data
                 total = original.float()
                 for layer, multiplier in layers:
-                    total = total + multiplier * layer.delta(original.shape).to(original.device)
+                    total = total + multiplier * layer.delta(original.shape, original.device)
                 originals[weight] = original
                 weight.data = total.to(original.dtype)
     except BaseException:

@@ -59,12 +59,13 @@ def sample_latents(sd_model, request: GenerationRequest, seeds: list[int], *, de
     sigmas = get_sigmas(request.scheduler, request.steps, denoiser, sampler).to(device)
     latent_shape = (sd_model.latent_channels, request.height // sd_model.downscale, request.width // sd_model.downscale)
 
-    # 3. Text -> conditioning, one schedule per image (prompt editing switches at steps);
-    #    <lora:...> tags are not text, embeddings' vectors go where their names stand.
-    prompt, negative = strip_extra_networks(request.prompt), strip_extra_networks(request.negative_prompt)
+    # 3. Text -> conditioning, one schedule per image (prompt editing switches at steps); the
+    #    prompt's <lora:...> tags are not text, embeddings' vectors go where their names stand.
+    prompt = strip_extra_networks(request.prompt)
     with using("text"), torch.no_grad():
         conditioning = encode_prompts(
-            sd_model, [prompt] * len(seeds), [negative] * len(seeds), request.steps, request.clip_skip, embeddings=embeddings
+            sd_model, [prompt] * len(seeds), [request.negative_prompt] * len(seeds), request.steps, request.clip_skip,
+            embeddings=embeddings,
         )
 
     # 4. Each image's starting noise from its own seed.
@@ -83,9 +84,9 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
     """Runs every batch of the request; `save` None follows the user's setting."""
     # 1. The request: validated before its styles are written into the prompts (their names) and
     #    after (the prompts they make), seed fixed so every image can be reproduced; the LoRA
-    #    files the prompts name are found (or the job stops here, naming the one missing).
+    #    files the prompt names are found (or the job stops here, naming the one missing).
     request = ctx.styles.apply(request.validate()).validate().with_seed_resolved()
-    loras = ctx.loras.resolve({"prompt": request.prompt, "negative_prompt": request.negative_prompt})
+    loras = ctx.loras.resolve(request.prompt)
     job = job or Job()
     result = Result(request=request)
 
@@ -99,7 +100,7 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
     preview_every = ctx.settings.live_preview_every
     save = ctx.settings.save_images if save is None else save
     embeddings = ctx.embeddings.table(sd_model.cond_stage_model.hidden_size)
-    texts = [strip_extra_networks(request.prompt), strip_extra_networks(request.negative_prompt)]
+    texts = [strip_extra_networks(request.prompt), request.negative_prompt]
     network_params = {
         "Lora hashes": ctx.loras.infotext_value(loras),
         "TI hashes": ti.infotext_value(embeddings_used(texts, request.steps, embeddings)),

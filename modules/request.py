@@ -79,7 +79,8 @@ class GenerationRequest:
                 continue
             try:
                 validate_prompt(text)
-                parse_extra_networks(text)
+                if field == "prompt":  # as in A1111, a negative prompt's <...> is text
+                    parse_extra_networks(text)
             except PromptError as e:
                 problems.append(f"{field}: {e}")
         if not isinstance(self.styles, (list, tuple)) or not all(isinstance(s, str) for s in self.styles):

@@ -230,11 +230,11 @@ def test_unknown_name_is_named_with_its_position_and_the_choices(tmp_path, model
     (tmp_path / "sub").mkdir()
     save_file(kohya_tensors(model, [CONV_3X3]), tmp_path / "sub" / "style.safetensors")
     library = lora.LoraLibrary(tmp_path)
-    assert [lo.name for lo, _ in library.resolve({"prompt": "<lora:detail:0.5> <lora:sub/style>"})] == ["detail", "sub/style"]
+    assert [lo.name for lo, _ in library.resolve("<lora:detail:0.5> <lora:sub/style>")] == ["detail", "sub/style"]
     with pytest.raises(lora.LoraError) as info:
-        library.resolve({"prompt": "a cat", "negative_prompt": "ugly <lora:detial:1>"})
+        library.resolve("ugly <lora:detial:1>")
     message = str(info.value)
-    assert "negative_prompt" in message and "'detial'" in message and "character 6" in message
+    assert message.startswith("prompt: ") and "'detial'" in message and "character 6" in message
     assert "available: detail, style" in message
 
 
@@ -243,7 +243,7 @@ def test_hash_is_kohyas_as_a1111_shows_it(tmp_path, model):
     save_file(tensors, tmp_path / "plain.safetensors")
     save_file(tensors, tmp_path / "tagged.safetensors", metadata={"sshs_model_hash": "0123456789abcdef" * 4})
     library = lora.LoraLibrary(tmp_path)
-    resolved = library.resolve({"prompt": "<lora:plain:1> <lora:tagged:0.5> <lora:plain:0.2>"})
+    resolved = library.resolve("<lora:plain:1> <lora:tagged:0.5> <lora:plain:0.2>")
     assert library.infotext_value(resolved) == f"plain: {addnet_hash(tmp_path / 'plain.safetensors')[:12]}, tagged: 0123456789ab"
     # kohya's hash leaves the header out: new metadata, same hash
     assert addnet_hash(tmp_path / "plain.safetensors") == addnet_hash(tmp_path / "tagged.safetensors")
@@ -275,6 +275,12 @@ def test_unknown_lora_stops_the_job_before_sampling(ctx):
     assert job.step == 0 and job.total_steps == 0
 
 
+def test_a_negative_prompts_tags_are_text_as_in_a1111(ctx):
+    request = GenerationRequest(prompt="a cat", negative_prompt="<lora:nothere:bad>", steps=2, width=64, height=64)
+    result = pipeline.generate(ctx, request, save=False)
+    assert "Negative prompt: <lora:nothere:bad>\n" in result.infotexts[0] and "Lora hashes" not in result.infotexts[0]
+
+
 @pytest.mark.parametrize("prompt, words", [
     ("a <lora:nope:1>", ["no LoRA named 'nope'", "character 3"]),
     ("a <lora:nope:notanumber>", ["'notanumber' is not a number", "character 14"]),
@@ -288,3 +294,25 @@ def test_api_answers_prompt_errors_with_422(ctx, prompt, words):
     assert response.status_code == 422
     assert all(w in response.json()["detail"] for w in words), response.text
     assert "Traceback" not in response.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("offload", ["none", "medvram", "lowvram"])
+def test_on_the_gpu_every_offload_mode_gets_its_weights_back(data_dir, offload):
+    """Half precision, with parts of the model moving between devices during the job: the LoRA
+    and an embedding still work, and the weights afterwards equal those before."""
+    from modules.config import Flags
+    from modules.context import AppContext
+
+    ctx = AppContext.create(Flags(data_dir=data_dir, device="cuda", medvram=offload == "medvram", lowvram=offload == "lowvram"))
+    sd_model = ctx.models.get()
+    save_file(kohya_tensors(sd_model, TINY_NAMES, seed=6), ctx.paths.lora / "shiny.safetensors")
+    torch.save({"string_to_param": {"*": torch.randn(2, 32)}}, ctx.paths.embeddings / "kitty.pt")
+    before = {k: v.clone() for k, v in sd_model.state_dict().items()}
+    base = GenerationRequest(prompt="a kitty", steps=2, width=64, height=64, seed=1, noise_source="GPU")
+    plain = pipeline.generate(ctx, base, save=False)
+    with_lora = pipeline.generate(ctx, base.replace(prompt="a kitty <lora:shiny:1>"), save=False)
+    after = sd_model.state_dict()
+    assert all(torch.equal(after[k], v) and after[k].device == v.device for k, v in before.items())
+    assert with_lora.images[0].tobytes() != plain.images[0].tobytes()
+    assert "TI hashes" in with_lora.infotexts[0] and "Lora hashes" in with_lora.infotexts[0]
