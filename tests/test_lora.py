@@ -316,3 +316,12 @@ def test_on_the_gpu_every_offload_mode_gets_its_weights_back(data_dir, offload):
     assert all(torch.equal(after[k], v) and after[k].device == v.device for k, v in before.items())
     assert with_lora.images[0].tobytes() != plain.images[0].tobytes()
     assert "TI hashes" in with_lora.infotexts[0] and "Lora hashes" in with_lora.infotexts[0]
+
+
+def test_api_lists_loras(ctx):
+    (ctx.paths.lora / "sub").mkdir()
+    save_file(kohya_tensors(ctx.models.get(), [CONV_3X3]), ctx.paths.lora / "sub" / "detail.safetensors")
+    app = FastAPI()
+    routes.install(app, ctx)
+    assert TestClient(app).get("/sdapi/v1/loras").json() == [
+        {"name": "detail", "alias": "detail", "path": str(ctx.paths.lora / "sub" / "detail.safetensors"), "metadata": {}}]
