@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from modules.config import Flags, Paths, Settings, load_settings, save_settings
 from modules.jobs import JobQueue
 from modules.models.memory import DevicePolicy, ModelManager
+from modules.upscalers import Tiling, Upscalers
 
 
 @dataclass
@@ -15,6 +16,7 @@ class AppContext:
     paths: Paths
     settings: Settings
     models: ModelManager
+    upscalers: Upscalers
     jobs: JobQueue = field(default_factory=JobQueue)
 
     @classmethod
@@ -24,7 +26,12 @@ class AppContext:
             folder.mkdir(parents=True, exist_ok=True)
         settings = load_settings(paths.settings_file)
         models = ModelManager(paths, DevicePolicy.from_flags(flags), selected=flags.ckpt or settings.sd_model_checkpoint)
-        return cls(flags=flags, paths=paths, settings=settings, models=models)
+        upscalers = Upscalers(paths.models, models.policy.device, models.policy.dtype)
+        return cls(flags=flags, paths=paths, settings=settings, models=models, upscalers=upscalers)
+
+    @property
+    def tiling(self) -> Tiling:
+        return Tiling(self.settings.upscaler_tile, self.settings.upscaler_tile_overlap)
 
     def update_settings(self, **changes) -> Settings:
         self.settings = self.settings.replace(**changes)

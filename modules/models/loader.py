@@ -77,6 +77,13 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    return _unwrap(load_pickle(path), path)
+
+
+def load_pickle(path: Path):
+    """The unpickled contents of a torch file, as saved (nesting kept), through torch's
+    weights-only unpickler: tensors and plain containers only, nothing else is built or run."""
+    path = Path(path)
     try:
         with torch.serialization.safe_globals(EXTRA_PICKLE_GLOBALS):
             try:
@@ -97,7 +104,7 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
         ) from e
     except Exception as e:  # torch.load reports broken data with many exception types
         raise CheckpointError(f"{path.name}: not a readable checkpoint ({type(e).__name__}: {e})") from e
-    return _unwrap(data, path)
+    return data
 
 
 def _unwrap(data, path: Path) -> dict[str, torch.Tensor]:
