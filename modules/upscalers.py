@@ -121,8 +121,8 @@ def read_network(path: Path, device: torch.device | str = "cpu"):
         descriptor = spandrel.ModelLoader(device).load_from_state_dict(spandrel.canonicalize_state_dict(state))
     except spandrel.UnsupportedModelError as e:
         raise UpscalerError(f"{path.name}: not an upscaler architecture that spandrel knows") from e
-    except (KeyError, ValueError, RuntimeError, AssertionError, IndexError) as e:
-        raise UpscalerError(f"{path.name}: the weights do not fit the {type(e).__name__} detected architecture ({e})") from e
+    except Exception as e:  # each architecture's reader fails in its own way on weights that do not fit it
+        raise UpscalerError(f"{path.name}: the weights do not fit the architecture they look like ({type(e).__name__}: {e})") from e
     if not isinstance(descriptor, spandrel.ImageModelDescriptor):
         raise UpscalerError(f"{path.name}: a {descriptor.architecture.name} model needs a mask; it is not an upscaler")
     if (descriptor.input_channels, descriptor.output_channels) != (3, 3):
@@ -224,7 +224,9 @@ class Upscalers:
         """`image` brought to width x height by the upscaler called `name`."""
         upscaler = self.find(name)
         if upscaler.path is None:
-            return resize(image, width, height, upscaler.resample or Image.Resampling.LANCZOS)
+            # "None" changes nothing itself; reaching the asked size takes a Lanczos step, as in A1111.
+            resample = Image.Resampling.LANCZOS if upscaler.resample is None else upscaler.resample
+            return resize(image, width, height, resample)
         descriptor = self.network(upscaler)
         for done in range(MAX_PASSES):
             if image.width >= width and image.height >= height and (done or image.size != (width, height)):
