@@ -107,5 +107,5 @@ def build(ctx) -> PasteTarget:
     refresh.click(on_refresh, inputs=[upscaler_1, upscaler_2], outputs=[upscaler_1, upscaler_2], queue=False)
     return PasteTarget(
         tab_id="extras", label="extras", image=image,
-        image_updates={sources: gr.Tabs(selected="extras_single"), source: "single"},
+        image_updates={sources: gr.update(selected="extras_single"), source: "single"},
     )

@@ -46,12 +46,11 @@ def build(ctx, checkpoint: gr.Dropdown) -> None:
             progress = gr.HTML(elem_id="modelmerger_progress")
             result = gr.HTML(elem_id="modelmerger_result")
 
-    def run(primary, secondary, tertiary, name, multiplier, interpolation, checkpoint_format, save_as_half, bake_in_vae, discard, current):
+    def run(a, b, c, name_value, m, method, fmt, half, vae, discard_value):
         request = merger.MergeRequest(
-            primary=primary or "", secondary=secondary or None, tertiary=tertiary or None,
-            interpolation=interpolation, multiplier=float(multiplier), name=name or "",
-            checkpoint_format=checkpoint_format, save_as_half=bool(save_as_half),
-            bake_in_vae=bake_in_vae or "None", discard_weights=discard or "",
+            primary=a or "", secondary=b or None, tertiary=c or None, interpolation=method, multiplier=float(m),
+            name=name_value or "", checkpoint_format=fmt, save_as_half=bool(half), bake_in_vae=vae or "None",
+            discard_weights=discard_value or "",
         )
         if not request.primary:
             raise gr.Error("choose the primary model (A)")
@@ -60,21 +59,19 @@ def build(ctx, checkpoint: gr.Dropdown) -> None:
             if kind == "progress":
                 yield {progress: progress_html(payload[0])}
             else:
-                path = payload
-                choices = titles()
-                yield {
-                    progress: "",
-                    result: f"<p>Saved <b>{html.escape(path.name)}</b> in {html.escape(str(path.parent))}.</p>",
-                    **{dropdown: gr.update(choices=choices) for dropdown in (primary, secondary, tertiary)},
-                    checkpoint: gr.update(choices=choices, value=current),
-                }
+                yield {progress: "", result: f"<p>Saved <b>{html.escape(payload.name)}</b> in {html.escape(str(payload.parent))}.</p>"}
 
+    def list_new_file(current):
+        choices = titles()
+        return (*(gr.update(choices=choices) for _ in range(3)), gr.update(choices=choices, value=current))
+
+    # The lists are updated by a second step so that a failed merge marks only the result as failed.
     run_button.click(
         run,
-        inputs=[primary, secondary, tertiary, name, multiplier, interpolation, checkpoint_format, save_as_half, bake_in_vae, discard, checkpoint],
-        outputs=[progress, result, primary, secondary, tertiary, checkpoint],
+        inputs=[primary, secondary, tertiary, name, multiplier, interpolation, checkpoint_format, save_as_half, bake_in_vae, discard],
+        outputs=[progress, result],
         concurrency_limit=None,
-    )
+    ).success(list_new_file, inputs=checkpoint, outputs=[primary, secondary, tertiary, checkpoint], queue=False)
 
     def on_refresh(a, b, c):
         choices = titles()
