@@ -160,9 +160,16 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0)
 
 
+def to_bytes(x: torch.Tensor) -> torch.Tensor:
+    """Pixels in [0, 1] as uint8, a quarter of float32's memory."""
+    return (x.float().clamp(0, 1) * 255.0).round().to(torch.uint8)
+
+
 def tensor_to_image(x: torch.Tensor) -> Image.Image:
-    array = (x[0].float().clamp(0, 1) * 255.0).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(np.ascontiguousarray(array))
+    """(1, 3, H, W) pixels, float in [0, 1] or uint8, as a picture."""
+    if x.dtype != torch.uint8:
+        x = to_bytes(x)
+    return Image.fromarray(np.ascontiguousarray(x[0].permute(1, 2, 0).cpu().numpy()))
 
 
 @dataclass(frozen=True)
@@ -245,7 +252,8 @@ class Upscalers:
         tile = tiling.size if descriptor.tiling != spandrel.ModelTiling.INTERNAL else 0
 
         def forward(piece: torch.Tensor) -> torch.Tensor:
-            return descriptor(piece.to(self.device, dtype)).float()
+            # Each tile is turned into bytes at once, so the whole result is held as uint8.
+            return to_bytes(descriptor(piece.to(self.device, dtype)))
 
         with torch.inference_mode():
             return tensor_to_image(tiled(forward, x, descriptor.scale, tile, tiling.overlap))

@@ -104,7 +104,7 @@ def test_merged_file_is_listed_loads_and_generates(ctx):
     assert "Model: 0.5(a) + 0.5(b)" in result.infotexts[0]
 
 
-def test_keys_in_one_model_only(ctx, states, tmp_path):
+def test_keys_in_one_model_only(ctx, states):
     a = {**states["a"], "model.only_in_a": torch.ones(2), "not_merged_in_both": torch.ones(2)}
     b = {**states["b"], "model.only_in_b": torch.full((3,), 5.0), "not_merged_in_both": torch.zeros(2), "ignored_only_in_b": torch.ones(1)}
     save_file(a, ctx.paths.checkpoints / "a2.safetensors")

@@ -158,3 +158,12 @@ def test_damaged_file_says_so(tmp_path):
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(UpscalerError, match="cut.safetensors"):
         upscalers.read_network(path)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_network_on_the_gpu_in_half_precision_matches_the_cpu(models_root):
+    source = picture(40, 30, seed=5)
+    on_cpu = Upscalers(models_root).upscale(source, "2x-tiny", 80, 60, Tiling(0, 0))
+    on_gpu = Upscalers(models_root, "cuda", torch.float16).upscale(source, "2x-tiny", 80, 60, Tiling(16, 16))
+    assert np.abs(np.asarray(on_gpu, dtype=int) - np.asarray(on_cpu, dtype=int)).max() <= 3
