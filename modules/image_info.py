@@ -85,6 +85,8 @@ def read_bytes(data: bytes, name: str = "This file") -> tuple[Image.Image | None
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         return None, ImageInfo(error=f"{name} could not be read: not a picture in a known format (PNG, JPEG, WebP, GIF...)")
+    except Image.DecompressionBombError as e:
+        return None, ImageInfo(error=f"{name} is too large to open safely ({e})")
     except Exception as e:  # PIL's format plugins raise a variety of errors on damaged input
         return None, ImageInfo(error=f"{name} could not be read: the file is damaged ({_reason(e)})")
     try:

@@ -30,8 +30,8 @@ NETWORK_FOLDERS = ("ESRGAN", "RealESRGAN", "SwinIR", "DAT")
 NETWORK_SUFFIXES = (".safetensors", ".pth", ".pt", ".ckpt")
 # A1111 lets a network run at most this many times to reach the wanted size.
 MAX_PASSES = 3
-# Scale written in a file name such as "4x-UltraSharp" or "RealESRGAN_x2plus"; A1111 lists 4 otherwise.
-_NAMED_SCALE = re.compile(r"(?:^|[^a-z0-9])(?:(\d+)x|x(\d+))(?:[^a-z0-9]|$)", re.IGNORECASE)
+# Scale written in a file name such as "4x-UltraSharp", "4xNomos" or "RealESRGAN_x2plus"; A1111 lists 4 otherwise.
+_NAMED_SCALE = re.compile(r"(?:^|[^a-z0-9])(?:(\d+)x|x(\d+))", re.IGNORECASE)
 DEFAULT_NETWORK_SCALE = 4
 
 

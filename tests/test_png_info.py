@@ -163,3 +163,10 @@ def test_png_info_api_shares_the_reading(ctx):
     assert post(png_with({"parameters": "a", "extras": "Postprocess upscaler: Nearest"})).json()["items"] == {"extras": "Postprocess upscaler: Nearest"}
     bad = post(b"garbage")
     assert bad.status_code == 422 and "not a picture in a known format" in bad.text
+
+
+def test_picture_too_large_to_open_safely_says_so():
+    buffer = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(buffer, "PNG")  # 400 megapixels, a few kilobytes as a file
+    image, info = read_bytes(buffer.getvalue(), "huge.png")
+    assert image is None and info.error.startswith("huge.png is too large to open safely")

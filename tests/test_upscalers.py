@@ -118,7 +118,14 @@ def test_pth_files_load_through_the_weights_only_unpickler(tmp_path):
     torch.save({"params_ema": tiny_esrgan_state(scale=4, seed=1)}, tmp_path / "RealESRGAN" / "RealESRGAN_x4plus.pth")
     table = Upscalers(tmp_path)
     assert table.find("RealESRGAN_x4plus").scale == 4.0
+    assert table.network(table.find("RealESRGAN_x4plus")).scale == 4
     assert table.upscale(picture(8, 6), "RealESRGAN_x4plus", 32, 24).size == (32, 24)
+
+
+@pytest.mark.parametrize("name, scale", [("4x-UltraSharp", 4), ("2xNomosUni", 2), ("RealESRGAN_x2plus", 2), ("ESRGAN_8x", 8),
+                                         ("1x_ITF_SkinDiffDetail", 1), ("BoxSmoother", 4)])
+def test_listed_scale_comes_from_the_file_name(tmp_path, name, scale):
+    assert upscalers.Upscaler(name, path=tmp_path / f"{name}.pth").scale == scale
 
 
 class _RunsCode:
