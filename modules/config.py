@@ -74,6 +74,10 @@ class Paths:
         return self.root / "models" / "Lora"
 
     @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
     def esrgan(self) -> Path:
         return self.root / "models" / "ESRGAN"
 
@@ -108,6 +112,8 @@ class Settings:
     save_images: bool = True
     noise_source: str = "CPU"
     filename_prompt_max: int = 64
+    upscaler_tile: int = 192  # pixels per side of the tiles an upscaler network runs on; 0: whole image
+    upscaler_tile_overlap: int = 8
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)

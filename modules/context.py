@@ -10,6 +10,7 @@ from modules.jobs import JobQueue
 from modules.lora import LoraLibrary
 from modules.models.memory import DevicePolicy, ModelManager
 from modules.styles import StyleLibrary
+from modules.upscalers import Tiling, Upscalers
 
 
 @dataclass
@@ -21,6 +22,7 @@ class AppContext:
     embeddings: EmbeddingDatabase
     loras: LoraLibrary
     styles: StyleLibrary
+    upscalers: Upscalers
     jobs: JobQueue = field(default_factory=JobQueue)
 
     @classmethod
@@ -30,12 +32,18 @@ class AppContext:
             folder.mkdir(parents=True, exist_ok=True)
         settings = load_settings(paths.settings_file)
         models = ModelManager(paths, DevicePolicy.from_flags(flags), selected=flags.ckpt or settings.sd_model_checkpoint)
+        upscalers = Upscalers(paths.models, models.policy.device, models.policy.dtype)
         return cls(
             flags=flags, paths=paths, settings=settings, models=models,
             embeddings=EmbeddingDatabase(paths.embeddings, paths.hash_cache),
             loras=LoraLibrary(paths.lora, paths.hash_cache),
             styles=StyleLibrary(paths.styles_file),
+            upscalers=upscalers,
         )
+
+    @property
+    def tiling(self) -> Tiling:
+        return Tiling(self.settings.upscaler_tile, self.settings.upscaler_tile_overlap)
 
     def update_settings(self, **changes) -> Settings:
         self.settings = self.settings.replace(**changes)

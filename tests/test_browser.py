@@ -35,8 +35,8 @@ def test_generate_shows_image_carrying_parameters(page):
     page.locator("#txt2img_prompt textarea").fill("a green square in the corner")
     page.locator("#txt2img_steps input[type=number]").fill("6")
     page.locator("#txt2img_steps input[type=number]").press("Enter")
-    # The width and height follow the selected model's native resolution.
-    assert page.locator("#txt2img_width input[type=number]").input_value() == "64"
+    # The width and height follow the selected model's native resolution (set by the page's load event).
+    page.wait_for_function("document.querySelector('#txt2img_width input[type=number]').value === '64'", timeout=10_000)
     page.locator("#txt2img_generate").click()
     image = page.locator("#txt2img_gallery img").first
     image.wait_for(timeout=60_000)
@@ -104,3 +104,63 @@ def test_embeddings_and_loras_are_listed(page, tiny_data_dir):
     finally:
         for path in files:
             path.unlink()
+
+
+def _pick(page, dropdown: str, option: str) -> None:
+    page.locator(f"#{dropdown} input").click()
+    page.locator(f"#{dropdown}").get_by_role("option", name=option, exact=True).click()
+
+
+def test_png_info_sends_parameters_to_txt2img_and_the_picture_to_extras(page, tmp_path):
+    from modules import storage
+
+    text = ("a blue square\nNegative prompt: red\nSteps: 7, Sampler: DPM++ 2M, Schedule type: Karras, "
+            "CFG scale: 5.5, Seed: 1234, Size: 64x128, Model: tiny")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    (tmp_path / "made.png").write_bytes(storage.png_bytes(Image.new("RGB", (32, 32), "blue"), text))
+    page.get_by_role("tab", name="PNG Info").click()
+    upload = page.locator("#pnginfo_image input[type=file]")
+    upload.set_input_files(tmp_path / "broken.png")
+    page.locator("#pnginfo_html").get_by_text("broken.png could not be read").wait_for(timeout=20_000)
+    page.locator("#pnginfo_image").get_by_role("button", name="Clear").click()
+    upload.set_input_files(tmp_path / "made.png")
+    page.locator("#pnginfo_html").get_by_text("Seed: 1234").wait_for(timeout=20_000)
+
+    page.locator("#send_to_txt2img").click()
+    page.locator("#txt2img_prompt textarea").wait_for(state="visible")
+    page.wait_for_function("document.querySelector('#txt2img_seed input').value === '1234'", timeout=10_000)
+    assert page.locator("#txt2img_prompt textarea").input_value() == "a blue square"
+    assert page.locator("#txt2img_neg_prompt textarea").input_value() == "red"
+    assert page.locator("#txt2img_steps input[type=number]").input_value() == "7"
+    assert page.locator("#txt2img_height input[type=number]").input_value() == "128"
+    assert page.locator("#txt2img_sampler input").input_value() == "DPM++ 2M"
+    assert page.locator("#txt2img_scheduler input").input_value() == "Karras"
+
+    page.get_by_role("tab", name="PNG Info").click()
+    page.locator("#send_to_extras").click()
+    page.locator("#extras_image img").wait_for(timeout=10_000)
+    _pick(page, "extras_upscaler_1", "Lanczos")
+    page.locator("#extras_generate").click()
+    result = page.locator("#extras_gallery img").first
+    result.wait_for(timeout=60_000)
+    picture = Image.open(io.BytesIO(page.request.get(result.get_attribute("src")).body()))
+    assert picture.size == (64, 64)
+    assert picture.info["parameters"] == text
+    assert picture.info["postprocessing"] == "Postprocess upscale by: 2, Postprocess upscaler: Lanczos"
+
+
+def test_merged_checkpoint_is_listed_at_once(page, tiny_data_dir):
+    merged = tiny_data_dir / "models" / "Stable-diffusion" / "browser-merge.safetensors"
+    try:
+        page.get_by_role("tab", name="Checkpoint Merger").click()
+        _pick(page, "modelmerger_primary_model_name", "tiny.safetensors")
+        _pick(page, "modelmerger_secondary_model_name", "tiny.safetensors")
+        page.locator("#modelmerger_custom_name textarea").fill("browser-merge")
+        page.locator("#modelmerger_merge").click()
+        page.locator("#modelmerger_result").get_by_text("Saved browser-merge.safetensors").wait_for(timeout=60_000)
+        assert merged.is_file()
+        page.locator("#sd_checkpoint input").click()
+        page.locator("#sd_checkpoint").get_by_role("option", name="browser-merge.safetensors").wait_for(timeout=10_000)
+        page.keyboard.press("Escape")
+    finally:
+        merged.unlink(missing_ok=True)

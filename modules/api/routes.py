@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import json
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
-from PIL import Image, UnidentifiedImageError
 
-from modules import metadata, pipeline, storage
+from modules import image_info, metadata, pipeline
 from modules.api import models as api
+from modules.api import postprocessing
+from modules.api.images import decode_bytes, encode_png
 from modules.jobs import Job
 from modules.request import GenerationRequest, RequestError
 from modules.sampling.registry import SAMPLERS
@@ -47,24 +45,6 @@ def request_from_body(body: api.Txt2ImgBody) -> GenerationRequest:
     if isinstance(fields.get("noise_source"), str):
         fields["noise_source"] = fields["noise_source"].upper()
     return GenerationRequest(**fields)
-
-
-def encode_png(image: Image.Image, infotext: str | None) -> str:
-    return base64.b64encode(storage.png_bytes(image, infotext)).decode("ascii")
-
-
-def decode_image(data: str) -> Image.Image:
-    if data.startswith("data:") and "," in data:
-        data = data.split(",", 1)[1]
-    try:
-        raw = base64.b64decode(data, validate=True)
-        image = Image.open(io.BytesIO(raw))
-        image.load()
-        return image
-    except (binascii.Error, ValueError) as e:
-        raise HTTPException(422, f"image is not valid base64: {e}")
-    except (UnidentifiedImageError, OSError) as e:
-        raise HTTPException(422, f"image could not be read as a picture: {e}")
 
 
 def create_router(ctx) -> APIRouter:
@@ -186,18 +166,19 @@ def create_router(ctx) -> APIRouter:
 
     @router.post("/png-info", response_model=api.PngInfoResponse)
     def png_info(body: api.PngInfoBody):
-        image = decode_image(body.image)
-        items = {k: v for k, v in image.info.items() if isinstance(v, str)}
-        text = items.pop("parameters", "")
-        prompt, negative, params = metadata.parse_infotext(text)
-        parameters = {"Prompt": prompt, "Negative prompt": negative, **params} if text else {}
-        return api.PngInfoResponse(info=text, items=items, parameters=parameters)
+        _, info = image_info.read_bytes(decode_bytes(body.image), "image")
+        if info.error and not info.parameters:
+            raise HTTPException(422, info.error)
+        prompt, negative, params = metadata.parse_infotext(info.parameters)
+        parameters = {"Prompt": prompt, "Negative prompt": negative, **params} if info.parameters else {}
+        return api.PngInfoResponse(info=info.parameters, items=info.items, parameters=parameters)
 
     return router
 
 
 def install(app: FastAPI, ctx) -> None:
     app.include_router(create_router(ctx))
+    app.include_router(postprocessing.create_router(ctx))
 
     @app.exception_handler(RequestError)
     async def request_error(_: Request, error: RequestError):

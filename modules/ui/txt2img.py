@@ -97,5 +97,7 @@ def build(ctx, checkpoint: gr.Dropdown) -> dict:
     skip.click(lambda: ctx.jobs.skip(), queue=False)
     random_seed.click(lambda: -1, outputs=seed, queue=False)
     reuse_seed.click(lambda s: s, inputs=last_seed, outputs=seed, queue=False)
-    return {"width": width, "height": height, "prompt": prompt, "negative_prompt": negative, "sampler": sampler,
-            "scheduler": scheduler, "steps": steps, "cfg_scale": cfg_scale, "seed": seed}
+    # Keyed by GenerationRequest field, so that pasted parameters find their widgets (modules/ui/paste.py).
+    return {"width": width, "height": height, "prompt": prompt, "negative_prompt": negative, "sampler_name": sampler,
+            "scheduler": scheduler, "steps": steps, "cfg_scale": cfg_scale, "seed": seed, "clip_skip": clip_skip,
+            "noise_source": noise_source, "checkpoint": checkpoint}
