@@ -18,6 +18,7 @@ from modules.api import routes
 from modules.config import Flags, parse_flags
 from modules.context import AppContext
 from modules.ui import settings as settings_tab
+from modules.ui import train as train_tab
 from modules.ui import txt2img as txt2img_tab
 from modules.ui.common import error_message
 
@@ -58,6 +59,8 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
         with gr.Tabs():
             with gr.Tab("txt2img", id="txt2img"):
                 fields = txt2img_tab.build(ctx, checkpoint)
+            with gr.Tab("Train", id="train"):
+                train_tab.build(ctx)
             with gr.Tab("Settings", id="settings"):
                 settings_tab.build(ctx)
 

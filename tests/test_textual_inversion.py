@@ -159,3 +159,11 @@ def test_missing_embedding_and_wrong_size(tmp_path, model, dataset):
     ti.save_embedding(tmp_path / "zork.pt", torch.zeros(1, 7), step=0)
     with pytest.raises(ti.TrainingError, match="vectors of size 7"):
         ti.train_embedding(model, _options(dataset), embeddings_dir=tmp_path, log_dir=tmp_path)
+
+
+def test_a_template_line_without_the_name_is_refused(tmp_path, model, dataset):
+    folder, template = dataset
+    template.write_text("a picture of [name]\na plain picture\n")
+    ti.create_embedding(model, tmp_path, "zork")
+    with pytest.raises(ti.TrainingError, match="needs \\[name\\].*'a plain picture'"):
+        ti.train_embedding(model, _options(dataset), embeddings_dir=tmp_path, log_dir=tmp_path)

@@ -253,6 +253,9 @@ def train_embedding(sd_model, options: TrainingOptions, *, embeddings_dir: Path,
     if initial.shape[-1] != table.embedding_dim:
         raise TrainingError(f"{path.name} has vectors of size {initial.shape[-1]}, the model's text encoder uses {table.embedding_dim}")
     templates = ti_dataset.read_templates(options.template)
+    if missing := [line for line in templates if "[name]" not in line]:
+        raise TrainingError(f"every line of the prompt template {Path(options.template).name} needs [name], or the "
+                            f"embedding learns nothing from it; this one has none: {missing[0]!r}")
     pictures = ti_dataset.load_pictures(sd_model, options.dataset, size=options.size,
                                         latent_sampling=options.latent_sampling, seed=options.seed)
     schedule = parse_schedule(options.learn_rate)
@@ -324,3 +327,48 @@ def train_embedding(sd_model, options: TrainingOptions, *, embeddings_dir: Path,
 
     save_embedding(path, vectors, step=step, **info)
     return TrainingResult(path, step, loss_value, bool(job.interrupted), previews, time.monotonic() - started)
+
+
+# ---- in the app: the checkpoint in use, its hash, previews through the pipeline -----------------
+
+
+def embedding_names(folder: Path) -> list[str]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted({p.stem for p in folder.iterdir() if p.suffix in EMBEDDING_SUFFIXES and p.is_file()}, key=str.lower)
+
+
+def template_files(folders: list[Path]) -> dict[str, Path]:
+    """Template file name -> path; a user's file shadows a shipped one of the same name."""
+    found: dict[str, Path] = {}
+    for folder in folders:
+        if folder.is_dir():
+            for path in sorted(folder.glob("*.txt")):
+                found.setdefault(path.name, path)
+    return found
+
+
+def create_in_app(ctx, name: str, init_text: str, vectors: int, suffix: str = ".pt", overwrite: bool = False) -> Path:
+    sd_model = ctx.models.get()
+    return create_embedding(sd_model, ctx.paths.embeddings, name, init_text=init_text, vectors=vectors,
+                            suffix=suffix, overwrite=overwrite)
+
+
+def train_in_app(ctx, options: TrainingOptions, job: Job | None = None) -> TrainingResult:
+    """Trains with the selected checkpoint; previews are drawn as txt2img draws them, with the
+    embedding as just saved, at the training size and a fixed seed so they can be compared."""
+    from modules import pipeline
+    from modules.request import GenerationRequest
+
+    sd_model = ctx.models.get()
+    info = sd_model.checkpoint
+
+    def preview(prompt: str, step: int) -> Image.Image:
+        request = GenerationRequest(prompt=prompt, width=options.size, height=options.size, seed=options.seed, steps=20)
+        return pipeline.generate(ctx, request, save=False).images[0]
+
+    with torch.inference_mode(False), torch.enable_grad():
+        return train_embedding(sd_model, options, embeddings_dir=ctx.paths.embeddings, log_dir=ctx.paths.textual_inversion,
+                               job=job, checkpoint_hash=ctx.models.hash_of(info), checkpoint_name=info.name,
+                               preview=preview)
