@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from PIL import Image, UnidentifiedImageError
 
 from modules import metadata, pipeline, storage
+from modules.api import training
 from modules.api import models as api
 from modules.jobs import Job
 from modules.request import GenerationRequest, RequestError
@@ -172,6 +173,7 @@ def create_router(ctx) -> APIRouter:
         parameters = {"Prompt": prompt, "Negative prompt": negative, **params} if text else {}
         return api.PngInfoResponse(info=text, items=items, parameters=parameters)
 
+    training.add_routes(router, ctx)
     return router
 
 
