@@ -21,6 +21,7 @@ from modules.ui import extras as extras_tab
 from modules.ui import merger as merger_tab
 from modules.ui import png_info as png_info_tab
 from modules.ui import settings as settings_tab
+from modules.ui import train as train_tab
 from modules.ui import txt2img as txt2img_tab
 from modules.ui.common import error_message
 from modules.ui.paste import PasteTarget
@@ -68,6 +69,8 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
                 png_info_tab.build(ctx, [PasteTarget("txt2img", "txt2img", fields), extras_target], tabs)
             with gr.Tab("Checkpoint Merger", id="modelmerger"):
                 merger_tab.build(ctx, checkpoint)
+            with gr.Tab("Train", id="train"):
+                train_tab.build(ctx)
             with gr.Tab("Settings", id="settings"):
                 settings_tab.build(ctx)
 

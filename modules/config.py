@@ -94,6 +94,16 @@ class Paths:
         return self.root / "styles.csv"
 
     @property
+    def textual_inversion(self) -> Path:
+        """Where embedding training writes its step copies and preview images."""
+        return self.root / "textual_inversion"
+
+    @property
+    def ti_templates(self) -> list[Path]:
+        """Prompt template folders: the user's, then the ones this project ships."""
+        return list(dict.fromkeys([self.root / "textual_inversion_templates", ROOT / "textual_inversion_templates"]))
+
+    @property
     def settings_file(self) -> Path:
         return self.root / "config.json"
 

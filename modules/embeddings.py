@@ -131,13 +131,15 @@ def read_embedding(path: Path, hash_cache: Path | None = None) -> Embedding:
     path = Path(path)
     try:
         if path.suffix.lower() == ".safetensors":
-            data, _metadata = loader.read_state_dict(path)
+            data, metadata = loader.read_state_dict(path)
+            # The training facts are text in the file's metadata, the step among them.
+            facts = {**metadata, "step": int(metadata["step"])} if metadata.get("step", "").isdigit() else metadata
         else:
-            data = loader.read_pickle(path, PICKLE_GLOBALS)
+            data = facts = loader.read_pickle(path, PICKLE_GLOBALS)
     except loader.CheckpointError as e:
         raise EmbeddingError(str(e).removeprefix(f"{path.name}: ")) from e
     vectors = _vectors(data)
-    return Embedding(path.stem, vectors, path, loader.full_hash(path, hash_cache), **_info(data))
+    return Embedding(path.stem, vectors, path, loader.full_hash(path, hash_cache), **_info(facts))
 
 
 # ---- the token table that conditioning uses ------------------------------------------------------

@@ -32,11 +32,17 @@ def page(tiny_data_dir):
 
 
 def test_generate_shows_image_carrying_parameters(page):
+    from playwright.sync_api import expect
+
     page.locator("#txt2img_prompt textarea").fill("a green square in the corner")
     page.locator("#txt2img_steps input[type=number]").fill("6")
     page.locator("#txt2img_steps input[type=number]").press("Enter")
     # The width and height follow the selected model's native resolution (set by the page's load event).
     page.wait_for_function("document.querySelector('#txt2img_width input[type=number]').value === '64'", timeout=10_000)
+
+
+    # The width and height follow the selected model's native resolution.
+    expect(page.locator("#txt2img_width input[type=number]")).to_have_value("64", timeout=20_000)
     page.locator("#txt2img_generate").click()
     image = page.locator("#txt2img_gallery img").first
     image.wait_for(timeout=60_000)
@@ -164,3 +170,33 @@ def test_merged_checkpoint_is_listed_at_once(page, tiny_data_dir):
         page.keyboard.press("Escape")
     finally:
         merged.unlink(missing_ok=True)
+
+
+def test_train_tab_creates_an_embedding_and_stops_training_on_interrupt(page, tiny_data_dir, tmp_path):
+    from modules.training.textual_inversion import read_embedding
+
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (200, 40 * i, 0)).save(pictures / f"{i}.png")
+    page.get_by_role("tab", name="Train", exact=True).first.click()
+    page.locator("#train_embedding_name").locator("textarea, input").first.fill("browserbed")
+    page.locator("#train_embedding_vectors input[type=number]").fill("2")
+    page.locator("#train_embedding_vectors input[type=number]").press("Enter")
+    page.locator("#train_create_embedding").click()
+    page.locator("#train_create_status").get_by_text("Created browserbed.pt").wait_for(timeout=20_000)
+    vectors, step = read_embedding(tiny_data_dir / "embeddings" / "browserbed.pt")
+    assert vectors.shape[0] == 2 and step == 0
+
+    page.get_by_role("tab", name="Train", exact=True).last.click()
+    page.locator("#train_dataset").locator("textarea, input").first.fill(str(pictures))
+    page.locator("#train_steps input").fill("100000")
+    page.locator("#train_preview_every input").fill("0")
+    page.locator("#train_train_embedding").click()
+    page.locator("#train_status").get_by_text("loss").wait_for(timeout=60_000)
+    page.locator("#train_interrupt").click()
+    page.locator("#train_status").get_by_text("Interrupted at step").wait_for(timeout=60_000)
+    status = page.locator("#train_status").inner_text()
+    step = int(status.split("Interrupted at step ")[1].split()[0])
+    assert 0 < step < 100000
+    assert read_embedding(tiny_data_dir / "embeddings" / "browserbed.pt")[1] == step

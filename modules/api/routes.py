@@ -8,6 +8,7 @@ from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
 from modules import image_info, metadata, pipeline
+from modules.api import training
 from modules.api import models as api
 from modules.api import postprocessing
 from modules.api.images import decode_bytes, encode_png
@@ -173,6 +174,7 @@ def create_router(ctx) -> APIRouter:
         parameters = {"Prompt": prompt, "Negative prompt": negative, **params} if info.parameters else {}
         return api.PngInfoResponse(info=info.parameters, items=info.items, parameters=parameters)
 
+    training.add_routes(router, ctx)
     return router
 
 
