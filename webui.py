@@ -17,10 +17,15 @@ from fastapi import FastAPI
 from modules.api import routes
 from modules.config import Flags, parse_flags
 from modules.context import AppContext
+from modules.ui import extras as extras_tab
 from modules.ui import img2img as img2img_tab
+from modules.ui import merger as merger_tab
+from modules.ui import png_info as png_info_tab
 from modules.ui import settings as settings_tab
+from modules.ui import train as train_tab
 from modules.ui import txt2img as txt2img_tab
 from modules.ui.common import error_message
+from modules.ui.paste import PasteTarget
 
 log = logging.getLogger("webui")
 
@@ -56,11 +61,19 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
             )
             refresh = gr.Button("🔄", size="sm", min_width=40, elem_id="sd_checkpoint_refresh", scale=0)
             model_status = gr.Markdown(elem_id="sd_checkpoint_status")
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("txt2img", id="txt2img"):
                 fields = txt2img_tab.build(ctx, checkpoint)
             with gr.Tab("img2img", id="img2img"):
                 img2img_tab.build(ctx, checkpoint)
+            with gr.Tab("Extras", id="extras"):
+                extras_target = extras_tab.build(ctx)
+            with gr.Tab("PNG Info", id="pnginfo"):
+                png_info_tab.build(ctx, [PasteTarget("txt2img", "txt2img", fields), extras_target], tabs)
+            with gr.Tab("Checkpoint Merger", id="modelmerger"):
+                merger_tab.build(ctx, checkpoint)
+            with gr.Tab("Train", id="train"):
+                train_tab.build(ctx)
             with gr.Tab("Settings", id="settings"):
                 settings_tab.build(ctx)
 

@@ -46,12 +46,12 @@ def load_model(path: Path):
 
 
 def generate(sd_model, prompt: str, seed: int, *, steps: int = 20, size: int | None = None,
-             request: GenerationRequest | None = None) -> np.ndarray:
+             request: GenerationRequest | None = None, embeddings=None) -> np.ndarray:
     """One picture (uint8 [H, W, 3]) for `prompt`, sampled by the pipeline as the web UI does
-    (`sd_model` as `load_model` gives it)."""
+    (`sd_model` as `load_model` gives it); `embeddings` an EmbeddingTable for the prompt's words."""
     size = size or sd_model.spec.resolution
     request = (request or GenerationRequest()).replace(prompt=prompt, steps=steps, width=size, height=size)
-    latents = pipeline.sample_latents(sd_model, request, [seed])
+    latents = pipeline.sample_latents(sd_model, request, [seed], embeddings=embeddings)
     return np.asarray(pipeline.latents_to_images(sd_model, latents)[0])
 
 

@@ -16,14 +16,17 @@ For each prompt (and each AND part of it, and each negative prompt):
    appending encoded empty-prompt chunks, so the denoiser can batch them.
 
 Identical prompts and identical chunks are encoded once per call. Textual-inversion embeddings
-belong in step 2 (a table from token sequences to vectors, placed as whole units inside one
-chunk) with the vectors handed to the text encoder; LoRA changes weights, not this module.
+enter in step 2: where a table (modules.embeddings.EmbeddingTable) finds an embedding's name in
+the tokens, its n vectors take n positions, all in one chunk (a chunk without room for them
+is closed first), and the text encoder is handed the vectors for those positions. LoRA changes
+weights, not this module.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -34,15 +37,23 @@ CHUNK_TOKENS = 75
 CONTEXT_TOKENS = CHUNK_TOKENS + 2
 COMMA_BACKTRACK = 20  # A1111's default "Prompt word wrap length limit"
 PAD_ID = EOS_ID  # SD 1.x pads with the end token
+PLACEHOLDER_ID = 0  # stands where an embedding's vectors go; the encoder never sees its own vector
 ENCODE_BATCH = 32  # chunks per text-encoder call
 
 
 @dataclass(frozen=True)
 class Chunk:
-    """One 77-token encoder input: BOS, 75 prompt or padding tokens, EOS; a weight per token."""
+    """One 77-token encoder input: BOS, 75 prompt or padding tokens, EOS; a weight per token;
+    `fixes` (position, embedding): the embedding's vectors replace tokens from that position on."""
 
     tokens: tuple[int, ...]
     weights: tuple[float, ...]
+    fixes: tuple[tuple[int, Any], ...] = ()
+
+    @property
+    def key(self) -> tuple:
+        """What identifies the encoder's output for this chunk (embeddings compare by identity)."""
+        return self.tokens, tuple((position, id(embedding)) for position, embedding in self.fixes)
 
 
 EMPTY_CHUNK = Chunk((BOS_ID,) + (PAD_ID,) * (CONTEXT_TOKENS - 1), (1.0,) * CONTEXT_TOKENS)
@@ -99,10 +110,12 @@ class _ChunkBuilder:
     chunks: list[Chunk] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     weights: list[float] = field(default_factory=list)
+    fixes: list[tuple[int, Any]] = field(default_factory=list)  # (index in `tokens`, embedding)
     last_comma: int = -1  # index in `tokens` of the chunk's last comma
     token_count: int = 0
 
-    def add(self, token: int, weight: float) -> None:
+    def _make_room(self, token: int) -> None:
+        """Before `token` goes in: note a comma, and move on to the next chunk if this one is full."""
         if token == self.comma_id:
             self.last_comma = len(self.tokens)
         elif (
@@ -110,16 +123,31 @@ class _ChunkBuilder:
             and self.last_comma != -1
             and CHUNK_TOKENS - self.last_comma <= self.comma_backtrack
         ):
-            # Full in mid-phrase: the words after the last comma start the next chunk.
+            # Full in mid-phrase: the words after the last comma start the next chunk, and so
+            # do the embeddings among them (A1111 leaves those behind, at padding positions).
             split = self.last_comma + 1
-            moved = self.tokens[split:], self.weights[split:]
+            moved = self.tokens[split:], self.weights[split:], [(i - split, e) for i, e in self.fixes if i >= split]
             del self.tokens[split:], self.weights[split:]
+            self.fixes = [(i, e) for i, e in self.fixes if i < split]
             self.close()
-            self.tokens, self.weights = list(moved[0]), list(moved[1])
+            self.tokens, self.weights, self.fixes = list(moved[0]), list(moved[1]), moved[2]
         if len(self.tokens) == CHUNK_TOKENS:
             self.close()
+
+    def add(self, token: int, weight: float) -> None:
+        self._make_room(token)
         self.tokens.append(token)
         self.weights.append(weight)
+
+    def add_embedding(self, embedding, weight: float) -> None:
+        """An embedding's vectors as one unit: a chunk without room for all of them is closed.
+        (Never a comma, so that backtracking cannot split it.)"""
+        self._make_room(PLACEHOLDER_ID)
+        if len(self.tokens) + embedding.count > CHUNK_TOKENS:
+            self.close()
+        self.fixes.append((len(self.tokens), embedding))
+        self.tokens.extend([PLACEHOLDER_ID] * embedding.count)
+        self.weights.extend([weight] * embedding.count)
 
     def close(self, last: bool = False) -> None:
         self.token_count += len(self.tokens) if last else CHUNK_TOKENS
@@ -127,8 +155,9 @@ class _ChunkBuilder:
         self.chunks.append(Chunk(
             (BOS_ID, *self.tokens, *(PAD_ID,) * padding, EOS_ID),
             (1.0, *self.weights, *(1.0,) * padding, 1.0),
+            tuple((1 + i, embedding) for i, embedding in self.fixes),  # 1 + : after BOS
         ))
-        self.tokens, self.weights, self.last_comma = [], [], -1
+        self.tokens, self.weights, self.fixes, self.last_comma = [], [], [], -1
 
     def finish(self) -> list[Chunk]:
         if self.tokens or not self.chunks:
@@ -140,8 +169,9 @@ def _comma_id() -> int:
     return clip_tokenizer().convert_tokens_to_ids(",</w>")
 
 
-def prompt_chunks(text: str, comma_backtrack: int = COMMA_BACKTRACK) -> tuple[list[Chunk], int]:
-    """(chunks, token count) of one prompt text after editing (attention syntax and BREAK in it)."""
+def prompt_chunks(text: str, comma_backtrack: int = COMMA_BACKTRACK, embeddings=None) -> tuple[list[Chunk], int]:
+    """(chunks, token count) of one prompt text after editing (attention syntax and BREAK in it).
+    `embeddings` (an EmbeddingTable) finds embedding names; each vector counts as a token."""
     fragments = prompt_parser.parse_prompt_attention(text)
     words = [t for t, w in fragments if (t, w) != prompt_parser.BREAK_MARKER]
     token_lists = iter(tokenize(words))
@@ -150,18 +180,41 @@ def prompt_chunks(text: str, comma_backtrack: int = COMMA_BACKTRACK) -> tuple[li
         if fragment == prompt_parser.BREAK_MARKER:
             builder.close()
             continue
-        for token in next(token_lists):
-            builder.add(token, fragment[1])
+        tokens, weight = next(token_lists), fragment[1]
+        position = 0
+        while position < len(tokens):
+            found = embeddings.match(tokens, position) if embeddings is not None else None
+            if found is None:
+                builder.add(tokens[position], weight)
+                position += 1
+            else:
+                builder.add_embedding(found[0], weight)
+                position += found[1]
     return builder.finish(), builder.token_count
 
 
-def token_count(prompt: str, steps: int = 20) -> int:
-    """Tokens a prompt uses, for a "n/75" counter: the most over its AND parts and steps."""
-    return max(
-        prompt_chunks(text)[1]
+def _texts(prompt: str, steps: int, old_scheduling: bool = False) -> list[str]:
+    """The distinct texts that a prompt's AND parts show over the steps."""
+    return list(dict.fromkeys(
+        text
         for part, _weight in prompt_parser.split_and(prompt)
-        for _end, text in prompt_parser.get_prompt_schedule(part, steps)
-    )
+        for _end, text in prompt_parser.get_prompt_schedule(part, steps, old_scheduling=old_scheduling)
+    ))
+
+
+def token_count(prompt: str, steps: int = 20, embeddings=None) -> int:
+    """Tokens a prompt uses, for a "n/75" counter: the most over its AND parts and steps."""
+    return max(prompt_chunks(text, embeddings=embeddings)[1] for text in _texts(prompt, steps))
+
+
+def embeddings_used(prompts: list[str], steps: int, embeddings, *, old_scheduling: bool = False) -> list:
+    """The embeddings the conditioning of these prompts puts in, in order of first use."""
+    used = {}
+    for prompt in dict.fromkeys(prompts):
+        for text in _texts(prompt, steps, old_scheduling):
+            for chunk in prompt_chunks(text, embeddings=embeddings)[0]:
+                used.update((id(e), e) for _position, e in chunk.fixes)
+    return list(used.values())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,14 +226,17 @@ def _text_device(sd_model) -> torch.device:
     return param.device if param is not None else torch.device("cpu")
 
 
-def _encode_rows(sd_model, rows: list[tuple[int, ...]], clip_skip: int) -> dict[tuple[int, ...], torch.Tensor]:
-    """Raw encoder output [77, hidden] for each distinct token row."""
+def _encode_rows(sd_model, rows: list[Chunk], clip_skip: int) -> dict[tuple, torch.Tensor]:
+    """Raw encoder output [77, hidden] for each distinct chunk, by its key."""
     device = _text_device(sd_model)
     out = {}
     for start in range(0, len(rows), ENCODE_BATCH):
         batch = rows[start:start + ENCODE_BATCH]
-        z = sd_model.encode_text(torch.tensor(batch, dtype=torch.long, device=device), clip_skip)
-        out.update(zip(batch, z))
+        tokens = torch.tensor([chunk.tokens for chunk in batch], dtype=torch.long, device=device)
+        replace = [(row, position, embedding.vectors)
+                   for row, chunk in enumerate(batch) for position, embedding in chunk.fixes]
+        z = sd_model.encode_text(tokens, clip_skip, replace=replace)
+        out.update(zip((chunk.key for chunk in batch), z))
     return out
 
 
@@ -217,7 +273,7 @@ class _PromptPlan:
 
 
 def _encode_schedules(sd_model, texts: list[str], steps: int, clip_skip: int, *, old_scheduling: bool,
-                      comma_backtrack: int) -> tuple[dict[str, list[tuple[int, torch.Tensor]]], torch.Tensor]:
+                      comma_backtrack: int, embeddings) -> tuple[dict[str, list[tuple[int, torch.Tensor]]], torch.Tensor]:
     """For each distinct (sub)prompt: [(end_at_step, Tensor[chunks*77, hidden])]; and the
     encoded empty chunk, for padding."""
     chunk_cache: dict[str, list[Chunk]] = {}
@@ -227,44 +283,46 @@ def _encode_schedules(sd_model, texts: list[str], steps: int, clip_skip: int, *,
         counts = Counter(text for _end, text in schedule)
         for text in counts:
             if text not in chunk_cache:
-                chunk_cache[text] = prompt_chunks(text, comma_backtrack)[0]
+                chunk_cache[text] = prompt_chunks(text, comma_backtrack, embeddings)[0]
         plans[prompt] = _PromptPlan(schedule, counts, {text: chunk_cache[text] for text in counts})
 
-    rows = dict.fromkeys([EMPTY_CHUNK.tokens] + [chunk.tokens for plan in plans.values()
-                         for position in range(plan.n_chunks) for chunk, _ in plan.group(position)])
-    raw = _encode_rows(sd_model, list(rows), clip_skip)
+    rows = {chunk.key: chunk for chunk in [EMPTY_CHUNK] + [chunk for plan in plans.values()
+            for position in range(plan.n_chunks) for chunk, _ in plan.group(position)]}
+    raw = _encode_rows(sd_model, list(rows.values()), clip_skip)
 
     result = {}
     for prompt, plan in plans.items():
         per_text: dict[str, list[torch.Tensor]] = {text: [] for text in plan.chunks}
         for position in range(plan.n_chunks):
             group = plan.group(position)
-            z = torch.stack([raw[chunk.tokens] for chunk, _ in group])
+            z = torch.stack([raw[chunk.key] for chunk, _ in group])
             weights = torch.tensor([chunk.weights for chunk, _ in group], device=z.device)
             counts = torch.tensor([float(n) for _, n in group], device=z.device)
             for text, row in zip(plan.chunks, _emphasis(z, weights, counts)):
                 per_text[text].append(row)
         tensors = {text: torch.cat(parts) for text, parts in per_text.items()}
         result[prompt] = [(end, tensors[text]) for end, text in plan.schedule]
-    return result, raw[EMPTY_CHUNK.tokens]
+    return result, raw[EMPTY_CHUNK.key]
 
 
 def encode_prompts(sd_model, prompts: list[str], negative_prompts: list[str], steps: int, clip_skip: int, *,
-                   old_scheduling: bool = False, comma_backtrack: int = COMMA_BACKTRACK) -> Conditioning:
+                   old_scheduling: bool = False, comma_backtrack: int = COMMA_BACKTRACK, embeddings=None) -> Conditioning:
     """Conditioning for a batch: prompts[i] and negative_prompts[i] belong to image i.
 
-    `sd_model` needs `encode_text(tokens [B, 77], clip_skip) -> [B, 77, hidden]` and a
-    `cond_stage_model` (whose parameters tell the device). `old_scheduling` selects A1111's
-    pre-1.6 reading of editing steps (see prompt_parser). Negative prompts are not split at
-    AND, as in A1111. Raises PromptError for a prompt with an unreadable attention weight."""
+    `sd_model` needs `encode_text(tokens [B, 77], clip_skip, replace=[(row, position, vectors)])
+    -> [B, 77, hidden]` and a `cond_stage_model` (whose parameters tell the device).
+    `old_scheduling` selects A1111's pre-1.6 reading of editing steps (see prompt_parser).
+    `embeddings` (an EmbeddingTable) puts textual-inversion vectors where their names are.
+    Negative prompts are not split at AND, as in A1111. Raises PromptError for a prompt with an
+    unreadable attention weight."""
     if len(prompts) != len(negative_prompts):
         raise ValueError(f"{len(prompts)} prompts but {len(negative_prompts)} negative prompts")
     if not prompts:
         return Conditioning(cond=[], uncond=[])
     parts = [prompt_parser.split_and(p) for p in prompts]
     texts = list(dict.fromkeys([t for image in parts for t, _ in image] + list(negative_prompts)))
-    encoded, empty = _encode_schedules(sd_model, texts, steps, clip_skip,
-                                       old_scheduling=old_scheduling, comma_backtrack=comma_backtrack)
+    encoded, empty = _encode_schedules(sd_model, texts, steps, clip_skip, old_scheduling=old_scheduling,
+                                       comma_backtrack=comma_backtrack, embeddings=embeddings)
 
     longest = max(t.shape[0] for schedule in encoded.values() for _, t in schedule)
     if any(t.shape[0] != longest for schedule in encoded.values() for _, t in schedule):

@@ -74,6 +74,10 @@ class Paths:
         return self.root / "models" / "Lora"
 
     @property
+    def models(self) -> Path:
+        return self.root / "models"
+
+    @property
     def esrgan(self) -> Path:
         return self.root / "models" / "ESRGAN"
 
@@ -84,6 +88,20 @@ class Paths:
     @property
     def outputs(self) -> Path:
         return self.root / "outputs"
+
+    @property
+    def styles_file(self) -> Path:
+        return self.root / "styles.csv"
+
+    @property
+    def textual_inversion(self) -> Path:
+        """Where embedding training writes its step copies and preview images."""
+        return self.root / "textual_inversion"
+
+    @property
+    def ti_templates(self) -> list[Path]:
+        """Prompt template folders: the user's, then the ones this project ships."""
+        return list(dict.fromkeys([self.root / "textual_inversion_templates", ROOT / "textual_inversion_templates"]))
 
     @property
     def settings_file(self) -> Path:
@@ -104,6 +122,8 @@ class Settings:
     save_images: bool = True
     noise_source: str = "CPU"
     filename_prompt_max: int = 64
+    upscaler_tile: int = 192  # pixels per side of the tiles an upscaler network runs on; 0: whole image
+    upscaler_tile_overlap: int = 8
 
     def replace(self, **changes) -> "Settings":
         return dataclasses.replace(self, **changes)

@@ -5,8 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from modules.config import Flags, Paths, Settings, load_settings, save_settings
+from modules.embeddings import EmbeddingDatabase
 from modules.jobs import JobQueue
+from modules.lora import LoraLibrary
 from modules.models.memory import DevicePolicy, ModelManager
+from modules.styles import StyleLibrary
+from modules.upscalers import Tiling, Upscalers
 
 
 @dataclass
@@ -15,6 +19,10 @@ class AppContext:
     paths: Paths
     settings: Settings
     models: ModelManager
+    embeddings: EmbeddingDatabase
+    loras: LoraLibrary
+    styles: StyleLibrary
+    upscalers: Upscalers
     jobs: JobQueue = field(default_factory=JobQueue)
 
     @classmethod
@@ -24,7 +32,18 @@ class AppContext:
             folder.mkdir(parents=True, exist_ok=True)
         settings = load_settings(paths.settings_file)
         models = ModelManager(paths, DevicePolicy.from_flags(flags), selected=flags.ckpt or settings.sd_model_checkpoint)
-        return cls(flags=flags, paths=paths, settings=settings, models=models)
+        upscalers = Upscalers(paths.models, models.policy.device, models.policy.dtype)
+        return cls(
+            flags=flags, paths=paths, settings=settings, models=models,
+            embeddings=EmbeddingDatabase(paths.embeddings, paths.hash_cache),
+            loras=LoraLibrary(paths.lora, paths.hash_cache),
+            styles=StyleLibrary(paths.styles_file),
+            upscalers=upscalers,
+        )
+
+    @property
+    def tiling(self) -> Tiling:
+        return Tiling(self.settings.upscaler_tile, self.settings.upscaler_tile_overlap)
 
     def update_settings(self, **changes) -> Settings:
         self.settings = self.settings.replace(**changes)

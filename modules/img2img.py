@@ -31,9 +31,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageFilter, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFilter, ImageOps
 from scipy.ndimage import gaussian_filter1d
 
+from modules import image_info
 from modules.sampling.noise import image_noise
 
 if TYPE_CHECKING:
@@ -57,29 +58,35 @@ _HAS_ALPHA = {"RGBA", "LA", "PA", "RGBa", "La"}
 
 # ---- reading pictures --------------------------------------------------------------------------
 
-def read_image(data: Any, what: str = "image") -> Image.Image:
-    """A PIL image from a PIL image, raw file bytes, or base64 text (a data: URL prefix is allowed).
-    Raises ValueError saying what `what` is and why it cannot be used."""
-    if isinstance(data, Image.Image):
-        check_size(data, what)
-        return data
-    if isinstance(data, str):
-        text = data.split(",", 1)[1] if data.startswith("data:") and "," in data else data
-        try:
-            data = base64.b64decode(text, validate=True)
-        except (binascii.Error, ValueError) as e:
-            raise ValueError(f"{what} is not valid base64: {e}") from None
-    if not isinstance(data, (bytes, bytearray)):
-        raise ValueError(f"{what} must be a picture, got {type(data).__name__}")
+def base64_bytes(text: str, what: str = "image") -> bytes:
+    """The bytes of base64 text, with or without a data: URL prefix; ValueError if it is not base64."""
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
     try:
-        image = Image.open(io.BytesIO(data))
-        check_size(image, what)  # before decoding: the header is enough to refuse a huge picture
-        image.load()
-    except Image.DecompressionBombError:
-        raise ValueError(f"{what} is too large to open safely") from None
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise ValueError(f"{what} could not be read as a picture (PNG, JPEG, WebP, ...): {e}") from None
-    return image
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise ValueError(f"{what} is not valid base64: {e}") from None
+
+
+def read_image(data: Any, what: str = "image") -> Image.Image:
+    """A PIL image from a PIL image, file bytes or base64 text. Raises ValueError saying what
+    `what` is and why it cannot be used."""
+    if isinstance(data, str):
+        data = base64_bytes(data, what)
+    if isinstance(data, (bytes, bytearray)):
+        try:  # the header alone refuses a huge picture before it is decoded
+            header = Image.open(io.BytesIO(data))
+        except Exception:  # not a picture: image_info.read_bytes says what is wrong
+            header = None
+        if header is not None:
+            check_size(header, what)
+        data, info = image_info.read_bytes(bytes(data), what)
+        if data is None:
+            raise ValueError(info.error)
+    if not isinstance(data, Image.Image):
+        raise ValueError(f"{what} must be a picture, got {type(data).__name__}")
+    check_size(data, what)
+    return data
 
 
 def check_size(image: Image.Image, what: str = "image") -> None:

@@ -112,9 +112,14 @@ def infotext_params(
     return {key: value for key, value in params.items() if value is not None}
 
 
+def format_params_line(params: dict[str, object]) -> str:
+    """One "key: value, ..." line; None values are left out."""
+    return ", ".join(f"{key}: {quote(_format_value(value))}" for key, value in params.items() if value is not None)
+
+
 def format_infotext(prompt: str, negative_prompt: str, params: dict[str, object]) -> str:
     """The full infotext; leading and trailing whitespace is dropped, as A1111 does."""
-    line = ", ".join(f"{key}: {quote(_format_value(value))}" for key, value in params.items() if value is not None)
+    line = format_params_line(params)
     parts = [prompt]
     if negative_prompt:
         parts.append(f"{NEGATIVE_PREFIX} {negative_prompt}")

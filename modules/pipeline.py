@@ -12,9 +12,11 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from modules import img2img, metadata, storage
-from modules.conditioning import encode_prompts
+from modules import embeddings as ti
+from modules import img2img, lora, metadata, storage
+from modules.conditioning import embeddings_used, encode_prompts
 from modules.context import AppContext
+from modules.extra_networks import strip_extra_networks
 from modules.jobs import Job, SamplingStopped
 from modules.request import GenerationRequest, Img2ImgRequest
 from modules.sampling.denoiser import CFGDenoiser, model_denoiser
@@ -53,11 +55,12 @@ def sampling_steps(request: GenerationRequest) -> int:
 
 def sample_latents(sd_model, request: GenerationRequest, seeds: list[int], *, device=None,
                    using: Callable[[str], contextlib.AbstractContextManager] = _no_offload,
-                   callback: Callable[[dict], None] | None = None,
+                   callback: Callable[[dict], None] | None = None, embeddings=None,
                    init: img2img.InitLatent | None = None, image_conditioning: torch.Tensor | None = None) -> torch.Tensor:
     """Steps 3-5 for one batch (one image per seed): conditioning, seeded noise, sampling.
     `using(part)` puts a part of the model on the device while it works (offload modes);
-    `callback` sees k-diffusion's dict after each step and may raise SamplingStopped.
+    `callback` sees k-diffusion's dict after each step and may raise SamplingStopped;
+    `embeddings` (an EmbeddingTable) gives the textual-inversion embeddings to use.
 
     img2img gives `init`: sampling starts part-way down the schedule from the encoded picture
     plus that level of noise, and where `init.keep` is 1 the original latent is kept.
@@ -75,10 +78,13 @@ def sample_latents(sd_model, request: GenerationRequest, seeds: list[int], *, de
         if len(sigmas) < 2:  # strength 0: no noise to remove
             return init.latent
 
-    # 3. Text -> conditioning, one schedule per image (prompt editing switches at steps).
+    # 3. Text -> conditioning, one schedule per image (prompt editing switches at steps); the
+    #    prompt's <lora:...> tags are not text, embeddings' vectors go where their names stand.
+    prompt = strip_extra_networks(request.prompt)
     with using("text"), torch.no_grad():
         conditioning = encode_prompts(
-            sd_model, [request.prompt] * len(seeds), [request.negative_prompt] * len(seeds), request.steps, request.clip_skip
+            sd_model, [prompt] * len(seeds), [request.negative_prompt] * len(seeds), request.steps, request.clip_skip,
+            embeddings=embeddings,
         )
 
     # 4. Each image's starting noise from its own seed (on top of the picture, for img2img).
@@ -108,8 +114,11 @@ def sample_latents(sd_model, request: GenerationRequest, seeds: list[int], *, de
 
 def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None, save: bool | None = None) -> Result:
     """Runs every batch of the request; `save` None follows the user's setting."""
-    # 1. The request: validated once, seed fixed so every image can be reproduced.
-    request = request.validate().with_seed_resolved()
+    # 1. The request: validated before its styles are written into the prompts (their names) and
+    #    after (the prompts they make), seed fixed so every image can be reproduced; the LoRA
+    #    files the prompt names are found (or the job stops here, naming the one missing).
+    request = ctx.styles.apply(request.validate()).validate().with_seed_resolved()
+    loras = ctx.loras.resolve(request.prompt)
     job = job or Job()
     result = Result(request=request)
 
@@ -123,6 +132,12 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
     job.total_steps = request.batch_count * steps
     preview_every = ctx.settings.live_preview_every
     save = ctx.settings.save_images if save is None else save
+    embeddings = ctx.embeddings.table(sd_model.cond_stage_model.hidden_size)
+    texts = [strip_extra_networks(request.prompt), request.negative_prompt]
+    network_params = {
+        "Lora hashes": ctx.loras.infotext_value(loras),
+        "TI hashes": ti.infotext_value(embeddings_used(texts, request.steps, embeddings)),
+    }
 
     def using(part: str):
         return ctx.models.using(sd_model, part)
@@ -132,6 +147,7 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
     info_request = request if prepared is None else request.replace(width=prepared.size[0], height=prepared.size[1])
     mask_weight = getattr(request, "inpainting_mask_weight", 1.0) if sd_model.concat_channels else None
 
+    restore_weights = lora.apply(sd_model, loras)  # for this job only: undone in `finally`
     progress = tqdm(total=job.total_steps, desc=request.mode, unit="step", leave=False)
     try:
         for batch_index in range(request.batch_count):
@@ -160,7 +176,8 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
                                                         device=ctx.models.policy.device)
             try:
                 latents = sample_latents(sd_model, request, batch_seeds, device=ctx.models.policy.device,
-                                         using=using, callback=on_step, init=init, image_conditioning=conditioning)
+                                         using=using, callback=on_step, embeddings=embeddings,
+                                         init=init, image_conditioning=conditioning)
             except SamplingStopped as stopped:
                 latents = stopped.latent
                 result.interrupted = result.interrupted or job.interrupted
@@ -177,7 +194,8 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
                     request.prompt,
                     request.negative_prompt,
                     metadata.infotext_params(info_request, seed=seed, model_hash=model_hash, model_name=checkpoint.name,
-                                             mask_weight=mask_weight, extra=prepared.params if prepared else None),
+                                             mask_weight=mask_weight, extra=prepared.params if prepared else None)
+                    | network_params,
                 )
                 if save:
                     result.paths.append(storage.save_image(image, outdir, seed=seed, prompt=request.prompt, infotext=infotext))
@@ -187,4 +205,5 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
             job.step = first_step + steps
     finally:
         progress.close()
+        restore_weights()
     return result

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from modules import img2img
+from modules.extra_networks import parse_extra_networks
 from modules.prompt_parser import PromptError, validate_prompt
 from modules.sampling.registry import find_sampler
 from modules.sampling.schedules import find_schedule, img2img_start
@@ -45,6 +46,7 @@ class GenerationRequest:
     clip_skip: int = 1
     noise_source: str = "CPU"
     checkpoint: str | None = None  # None: whatever the model manager has selected
+    styles: tuple[str, ...] = ()  # names in styles.csv, applied to the prompts in this order
 
     mode = "txt2img"
 
@@ -80,8 +82,12 @@ class GenerationRequest:
                 continue
             try:
                 validate_prompt(text)
+                if field == "prompt":  # as in A1111, a negative prompt's <...> is text
+                    parse_extra_networks(text)
             except PromptError as e:
                 problems.append(f"{field}: {e}")
+        if not isinstance(self.styles, (list, tuple)) or not all(isinstance(s, str) for s in self.styles):
+            problems.append(f"styles must be a list of style names, got {self.styles!r}")
         if self.noise_source not in NOISE_SOURCES:
             problems.append(f"noise_source must be one of {', '.join(NOISE_SOURCES)}, got {self.noise_source!r}")
         sampler = scheduler = None
@@ -95,7 +101,8 @@ class GenerationRequest:
             problems.append(str(e))
         if problems:
             raise RequestError("; ".join(problems))
-        return self.replace(sampler_name=sampler.name, scheduler=scheduler.label, cfg_scale=float(self.cfg_scale))
+        return self.replace(sampler_name=sampler.name, scheduler=scheduler.label, cfg_scale=float(self.cfg_scale),
+                            styles=tuple(self.styles))
 
     def with_seed_resolved(self, rng: random.Random | None = None) -> "GenerationRequest":
         if self.seed != -1:

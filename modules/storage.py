@@ -13,6 +13,7 @@ import os
 import re
 import tempfile
 import threading
+from collections.abc import Mapping
 from datetime import date
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from PIL.PngImagePlugin import PngInfo
 
 # Characters Windows refuses in file names (Linux refuses only '/'), control characters, and '#',
 # which cuts a file's URL short in the browser gallery.
-_ILLEGAL = re.compile(r'[<>:"/\\|?*#\x00-\x1f\x7f]')
+ILLEGAL_CHARACTERS = re.compile(r'[<>:"/\\|?*#\x00-\x1f\x7f]')
 _WHITESPACE = re.compile(r"\s+")
 # Linux allows 255 bytes per name; this leaves room for "NNNNN-<seed>-" and ".png".
 _MAX_PROMPT_BYTES = 200
@@ -37,13 +38,16 @@ def dated_dir(outputs: Path, mode: str) -> Path:
     return Path(outputs) / f"{mode}-images" / date.today().isoformat()
 
 
-def png_bytes(image: Image.Image, infotext: str | None) -> bytes:
+def png_bytes(image: Image.Image, infotext: str | None, text: Mapping[str, str] | None = None) -> bytes:
     """The image as PNG, with the infotext in a "parameters" text chunk (iTXt when it is not
-    Latin-1) where A1111 and other readers look for it."""
+    Latin-1) where A1111 and other readers look for it, and `text` in further chunks after it."""
+    chunks = {"parameters": infotext} if infotext is not None else {}
+    chunks.update(text or {})
     info = None
-    if infotext is not None:
+    if chunks:
         info = PngInfo()
-        info.add_text("parameters", infotext)
+        for key, value in chunks.items():
+            info.add_text(key, value)
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info)
     return buffer.getvalue()
@@ -53,7 +57,7 @@ def sanitize_prompt(prompt: str, max_chars: int = 64) -> str:
     """The prompt as part of a file name: illegal characters dropped, whitespace collapsed, cut to
     `max_chars` (and to a byte length every file system takes), no trailing dots or spaces,
     which Windows strips or refuses."""
-    text = _ILLEGAL.sub("", _WHITESPACE.sub(" ", prompt)).strip()[: max(max_chars, 0)]
+    text = ILLEGAL_CHARACTERS.sub("", _WHITESPACE.sub(" ", prompt)).strip()[: max(max_chars, 0)]
     while len(text.encode("utf-8")) > _MAX_PROMPT_BYTES:
         text = text[:-1]
     return text.rstrip(" .")
@@ -101,9 +105,15 @@ def save_image(
 ) -> Path:
     """Saves the image as the next NNNNN-<seed>-<prompt>.png in `folder` and returns its path.
     On any failure no file is left behind and the error says where the write went wrong."""
-    folder = Path(folder)
-    data = png_bytes(image, infotext)
     name_tail = "-".join(part for part in (str(seed), sanitize_prompt(prompt, max_prompt)) if part)
+    return save_png(png_bytes(image, infotext), folder, name_tail, what=f"the image for seed {seed}")
+
+
+def save_png(data: bytes, folder: Path, name_tail: str, what: str = "the image") -> Path:
+    """Writes PNG bytes as the next NNNNN-<name_tail>.png (NNNNN.png when the tail is empty) in
+    `folder`, atomically, and returns the path; `what` names the image in an error."""
+    folder = Path(folder)
+    suffix = f"-{name_tail}.png" if name_tail else ".png"
     try:
         folder.mkdir(parents=True, exist_ok=True)
         handle, temporary_name = tempfile.mkstemp(prefix=".saving-", suffix=".png", dir=folder)
@@ -117,11 +127,11 @@ def save_image(
             os.fsync(file.fileno())
         with _NUMBERING:
             for _ in range(_MAX_ATTEMPTS):
-                final = folder / f"{next_number(folder):05}-{name_tail}.png"
+                final = folder / f"{next_number(folder):05}{suffix}"
                 if _claim(temporary, final):
                     return final
         raise OSError(f"no free file number after {_MAX_ATTEMPTS} attempts")
     except OSError as e:
-        raise OSError(f"Could not save the image for seed {seed} in {folder}: {e}") from e
+        raise OSError(f"Could not save {what} in {folder}: {e}") from e
     finally:
         temporary.unlink(missing_ok=True)

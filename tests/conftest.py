@@ -26,6 +26,26 @@ def tiny_data_dir(tmp_path_factory):
     return root
 
 
+@pytest.fixture
+def data_dir(tiny_data_dir, tmp_path):
+    """A data folder of the test's own holding the tiny checkpoint, for tests that add files."""
+    import shutil
+
+    folder = tmp_path / "models" / "Stable-diffusion"
+    folder.mkdir(parents=True)
+    shutil.copy(tiny_data_dir / "models" / "Stable-diffusion" / "tiny.safetensors", folder)
+    return tmp_path
+
+
+@pytest.fixture
+def ctx(data_dir):
+    """An AppContext on `data_dir`, on the CPU, as webui.py would build it."""
+    from modules.config import Flags
+    from modules.context import AppContext
+
+    return AppContext.create(Flags(data_dir=data_dir, device="cpu"))
+
+
 @pytest.fixture(scope="session")
 def live_server(tiny_data_dir):
     """The real web UI on 127.0.0.1 serving tiny_data_dir, started once for every test that drives it."""

@@ -97,3 +97,22 @@ def test_png_info_reads_back_what_we_wrote(server):
     assert r.json()["parameters"]["Prompt"] == "a red circle, on blue"
     bad = httpx.post(f"{server}/sdapi/v1/png-info", json={"image": base64.b64encode(b"not a picture").decode()})
     assert bad.status_code == 422 and "could not be read" in bad.text
+
+
+def test_create_and_train_an_embedding(server, tiny_data_dir, tmp_path):
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    for i in range(2):
+        Image.new("RGB", (64, 64), (30, 200, 40 * i)).save(pictures / f"{i}.png")
+    r = httpx.post(f"{server}/sdapi/v1/create/embedding", json={"name": "apibed", "num_vectors_per_token": 2}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["info"].endswith("apibed.pt")
+    again = httpx.post(f"{server}/sdapi/v1/create/embedding", json={"name": "apibed"}, timeout=60)
+    assert again.status_code == 422 and "already exists" in again.text
+    body = {"embedding_name": "apibed", "data_root": str(pictures), "training_width": 64, "steps": 3,
+            "save_embedding_every": 0, "learn_rate": "0.01"}
+    r = httpx.post(f"{server}/sdapi/v1/train/embedding", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    assert "step: 3 " in r.json()["info"]
+    bad = httpx.post(f"{server}/sdapi/v1/train/embedding", json={**body, "learn_rate": "fast"}, timeout=60)
+    assert bad.status_code == 422 and "'fast' is not a learning rate" in bad.text

@@ -122,3 +122,20 @@ def test_shipped_model_loads_and_generates_deterministically():
     assert np.array_equal(first, again)
     assert not np.array_equal(first, other)
     assert first.std() > 10  # a picture, not a flat field
+
+
+def test_prompt_editing_switches_the_colour_the_shipped_model_draws():
+    """The shape's colour settles in the middle of sampling, after the background: switched early
+    (after 2 of 8 steps) the second colour shows, switched late (after 6) the first one does.
+    On seeds 0 to 5 both edits, and the plain red and blue prompts, drew these colours every time."""
+    model = builtin_model_eval.load_model(SHIPPED)
+    template = "a large {} circle in the center on a white background"
+
+    def drawn(colour_text, seed):
+        picture = builtin_model_eval.generate(model, template.format(colour_text), seed=seed, steps=8)
+        scene = shapes_dataset.read_scene(picture)
+        return scene["background"], scene["colour"]
+
+    for seed in (0, 1):
+        assert drawn("[red:blue:0.25]", seed) == ("white", "blue")
+        assert drawn("[red:blue:0.75]", seed) == ("white", "red")

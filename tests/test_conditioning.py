@@ -32,9 +32,9 @@ class CountingModel:
         self.cond_stage_model = model.cond_stage_model
         self.rows = 0
 
-    def encode_text(self, tokens, clip_skip):
+    def encode_text(self, tokens, clip_skip, replace=()):
         self.rows += tokens.shape[0]
-        return self.model.encode_text(tokens, clip_skip)
+        return self.model.encode_text(tokens, clip_skip, replace)
 
 
 def raw(model, chunk_tokens, clip_skip=1):

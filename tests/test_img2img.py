@@ -196,10 +196,11 @@ HUGE = Image.new("L", (20000, 8))
 
 @pytest.mark.parametrize("fields, words", [
     ({"init_images": ()}, "an init image is needed"),
-    ({"init_images": (b"hello",)}, "the init image could not be read as a picture"),
+    ({"init_images": (b"hello",)}, "the init image could not be read: not a picture"),
     ({"init_images": ("not base64!",)}, "the init image is not valid base64"),
     ({"init_images": (Image.new("F", (8, 8)),)}, "32-bit floating-point"),
     ({"init_images": (HUGE,)}, "is 20000x8, too large"),
+    ({"init_images": (png(HUGE),)}, "the init image is 20000x8, too large"),
     ({"init_images": (png(scene()), b"x")}, "init image 2 could not be read"),
     ({"init_images": "abc"}, "init_images must be a list of pictures"),
     ({"denoising_strength": 1.5}, "denoising_strength must be a number from 0 to 1, got 1.5"),
@@ -269,7 +270,7 @@ def test_img2img_route_answers_like_a1111(live_server):
 
 
 @pytest.mark.parametrize("body, words", [
-    ({"init_images": ["bm90IGEgcGljdHVyZQ=="]}, "could not be read as a picture"),
+    ({"init_images": ["bm90IGEgcGljdHVyZQ=="]}, "the init image could not be read: not a picture"),
     ({"init_images": []}, "an init image is needed"),
     ({"denoising_strength": 2}, "denoising_strength must be a number from 0 to 1"),
     ({"script_name": "SD upscale"}, "not available"),

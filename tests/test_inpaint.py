@@ -144,7 +144,7 @@ def test_mask_of_another_size_is_scaled_when_it_has_the_same_shape():
     ({"mask": Image.new("L", (64, 32), 255)}, "the mask is 64x32 but the image is 64x64"),
     ({"mask": Image.new("L", (64, 64), 0)}, "the mask is empty"),
     ({"mask": Image.new("L", (64, 64), 255), "inpainting_mask_invert": 1}, "nothing would change"),
-    ({"mask": b"junk"}, "the mask could not be read as a picture"),
+    ({"mask": b"junk"}, "the mask could not be read: not a picture"),
     ({"mask": left_mask(8), "outpaint_pixels": 8}, "outpainting makes its own mask"),
     ({"mask": left_mask(8), "init_images": (scene(), scene(size=32))}, "every init image must have the same size"),
     ({"mask": left_mask(8), "inpaint_full_res_padding": -1}, "inpaint_full_res_padding must be a whole number from 0 to 256"),

@@ -3,6 +3,7 @@ included), except where a case says it differs on purpose."""
 
 import pytest
 
+from modules.extra_networks import NetworkCall, parse_extra_networks
 from modules.prompt_parser import (
     PromptError,
     get_prompt_schedule,
@@ -219,3 +220,54 @@ def test_validate_accepts_what_a1111_accepts_on_purpose(prompt):
 
 def test_prompt_error_is_a_value_error():
     assert issubclass(PromptError, ValueError)
+
+
+# ----------------------------------------------------------------------------------------------
+# Extra networks: <lora:name:weight>
+
+
+def lora_call(name, te=1.0, unet=None, position=0):
+    return NetworkCall("lora", name, te, te if unet is None else unet, position)
+
+
+EXTRA_NETWORK_CASES = [
+    ("a cat <lora:fluffy:0.8>, outdoors", "a cat , outdoors", [lora_call("fluffy", 0.8, position=6)]),
+    ("<lora:x>", "", [lora_call("x")]),
+    ("<lora:x:1:0.5>", "", [lora_call("x", 1.0, 0.5)]),
+    ("<lora:x:unet=0.3>", "", [lora_call("x", 1.0, 0.3)]),
+    ("<lora:x:te=0.5>", "", [lora_call("x", 0.5, 0.5)]),
+    ("<lora:x:te=0.5:0.8>", "", [lora_call("x", 0.5, 0.5)]),  # A1111: the named te wins over the positional one
+    ("<lora: my style v2 :-1.5>", "", [lora_call("my style v2", -1.5)]),
+    ("<lora:x:1e-1>", "", [lora_call("x", 0.1)]),
+    ("<lora:x:.5> and <lora:y:2.>", " and ", [lora_call("x", 0.5), lora_call("y", 2.0, position=16)]),
+    # tags leave prompt editing and attention around them intact, and apply at every step
+    ("[<lora:a:1>cat:dog:0.5]", "[cat:dog:0.5]", [lora_call("a", position=1)]),
+    ("(red <lora:b:0.7>:1.2)", "(red :1.2)", [lora_call("b", 0.7, position=5)]),
+    # not tags: text
+    ("I <3 cats", "I <3 cats", []),
+    ("a <b> c", "a <b> c", []),
+    ("<lora:>", "<lora:>", []),
+    ("x: <y", "x: <y", []),
+]
+
+
+@pytest.mark.parametrize("prompt, text, calls", EXTRA_NETWORK_CASES)
+def test_extra_networks(prompt, text, calls):
+    assert parse_extra_networks(prompt) == (text, calls)
+
+
+@pytest.mark.parametrize("prompt, words, position", [
+    ("a <lora:x:notanumber>", "'notanumber' is not a number", 10),
+    ("<lora:x: 1.x>", "'1.x' is not a number", 9),
+    ("<lora:x:te=abc>", "'abc' is not a number", 11),
+    ("<lora:x:1,5>", "'1,5' is not a number", 8),
+    ("<lora:x:1:2:3>", "too many values", 12),
+    ("<lora: :1>", "needs a name", 0),
+    ("ok <lora:x:dyn=8>", "unknown argument 'dyn'", 11),
+    ("<hypernet:x:1>", "unknown extra network <hypernet:...>", 0),
+])
+def test_bad_extra_network_tags_say_where(prompt, words, position):
+    with pytest.raises(PromptError) as info:
+        parse_extra_networks(prompt)
+    assert words in info.value.message
+    assert info.value.position == position

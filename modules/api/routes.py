@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import base64
 import json
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
-from PIL import Image
 
-from modules import img2img, metadata, pipeline, storage
+from modules import image_info, img2img, metadata, pipeline
+from modules.api import training
 from modules.api import models as api
+from modules.api import postprocessing
+from modules.api.images import decode_bytes, encode_png
 from modules.jobs import Job
 from modules.request import GenerationRequest, Img2ImgRequest, RequestError
 from modules.sampling.registry import SAMPLERS
@@ -66,6 +67,7 @@ def _common_fields(body: api.Txt2ImgBody) -> dict:
         cfg_scale=body.cfg_scale,
         width=body.width,
         height=body.height,
+        styles=tuple(body.styles),
     )
     for key, value in body.override_settings.items():
         if key in OVERRIDES:
@@ -73,17 +75,6 @@ def _common_fields(body: api.Txt2ImgBody) -> dict:
     if isinstance(fields.get("noise_source"), str):
         fields["noise_source"] = fields["noise_source"].upper()
     return fields
-
-
-def encode_png(image: Image.Image, infotext: str | None) -> str:
-    return base64.b64encode(storage.png_bytes(image, infotext)).decode("ascii")
-
-
-def decode_image(data: str) -> Image.Image:
-    try:
-        return img2img.read_image(data, "image")
-    except ValueError as e:
-        raise HTTPException(422, str(e))
 
 
 def create_router(ctx) -> APIRouter:
@@ -161,6 +152,26 @@ def create_router(ctx) -> APIRouter:
             ctx.update_settings(sd_model_checkpoint=ctx.models.selected)
         return get_options()
 
+    @router.get("/embeddings", response_model=api.EmbeddingsResponse)
+    def embeddings():
+        def item(e):
+            return api.EmbeddingItem(step=e.step, sd_checkpoint=e.sd_checkpoint, sd_checkpoint_name=e.sd_checkpoint_name,
+                                     shape=e.width, vectors=e.count)
+
+        loaded, skipped = ctx.embeddings.split(ctx.models.loaded_text_width())
+        return api.EmbeddingsResponse(loaded={n: item(e) for n, e in loaded.items()},
+                                      skipped={n: item(e) for n, e in skipped.items()})
+
+    @router.get("/prompt-styles", response_model=list[api.PromptStyleItem])
+    def prompt_styles():
+        return [api.PromptStyleItem(name=s.name, prompt=s.prompt, negative_prompt=s.negative_prompt)
+                for s in ctx.styles.styles().values()]
+
+    @router.get("/loras", response_model=list[api.LoraItem])
+    def loras():
+        return [api.LoraItem(name=name, alias=name, path=str(path), metadata={})
+                for name, path in ctx.loras.available().items() if name == path.stem]
+
     @router.get("/progress", response_model=api.ProgressResponse)
     def progress(skip_current_image: bool = False):
         job = ctx.jobs.current
@@ -195,18 +206,20 @@ def create_router(ctx) -> APIRouter:
 
     @router.post("/png-info", response_model=api.PngInfoResponse)
     def png_info(body: api.PngInfoBody):
-        image = decode_image(body.image)
-        items = {k: v for k, v in image.info.items() if isinstance(v, str)}
-        text = items.pop("parameters", "")
-        prompt, negative, params = metadata.parse_infotext(text)
-        parameters = {"Prompt": prompt, "Negative prompt": negative, **params} if text else {}
-        return api.PngInfoResponse(info=text, items=items, parameters=parameters)
+        _, info = image_info.read_bytes(decode_bytes(body.image), "image")
+        if info.error and not info.parameters:
+            raise HTTPException(422, info.error)
+        prompt, negative, params = metadata.parse_infotext(info.parameters)
+        parameters = {"Prompt": prompt, "Negative prompt": negative, **params} if info.parameters else {}
+        return api.PngInfoResponse(info=info.parameters, items=info.items, parameters=parameters)
 
+    training.add_routes(router, ctx)
     return router
 
 
 def install(app: FastAPI, ctx) -> None:
     app.include_router(create_router(ctx))
+    app.include_router(postprocessing.create_router(ctx))
 
     @app.exception_handler(RequestError)
     async def request_error(_: Request, error: RequestError):

@@ -13,7 +13,7 @@ import json
 import pickle
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -77,15 +77,22 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 
 
 def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
+    return _unwrap(read_pickle(path), path)
+
+
+def read_pickle(path: Path, extra_globals: Sequence = ()) -> object:
+    """What a pickled file (.ckpt, .pt, .bin) holds, built by torch's weights-only unpickler: tensors
+    and plain containers, plus the harmless stand-ins of EXTRA_PICKLE_GLOBALS and `extra_globals`.
+    Raises CheckpointError naming the file, and the refused object when there is one."""
     try:
-        with torch.serialization.safe_globals(EXTRA_PICKLE_GLOBALS):
+        with torch.serialization.safe_globals([*EXTRA_PICKLE_GLOBALS, *extra_globals]):
             try:
-                data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as e:
                 if "mmap" not in str(e):
                     raise
                 # Files written by torch before 1.6 are not zip archives and cannot be mapped.
-                data = torch.load(path, map_location="cpu", weights_only=True)
+                return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         refused = REFUSED_GLOBAL.search(str(e))
         if refused is None:
@@ -97,7 +104,6 @@ def _read_pickle(path: Path) -> dict[str, torch.Tensor]:
         ) from e
     except Exception as e:  # torch.load reports broken data with many exception types
         raise CheckpointError(f"{path.name}: not a readable checkpoint ({type(e).__name__}: {e})") from e
-    return _unwrap(data, path)
 
 
 def _unwrap(data, path: Path) -> dict[str, torch.Tensor]:
@@ -211,17 +217,41 @@ def model_hash(path: Path, cache_file: Path | None = None) -> str:
 
 
 def full_hash(path: Path, cache_file: Path | None = None) -> str:
+    return _cached_hash(path, cache_file, "sha256", sha256_of)
+
+
+def addnet_hash(path: Path, cache_file: Path | None = None) -> str:
+    """kohya-ss's hash of a .safetensors file, which A1111 shows for LoRAs: the sha256 of the
+    tensor data after the JSON header, so that editing the metadata keeps the hash."""
+    return _cached_hash(path, cache_file, "addnet", _sha256_after_header)
+
+
+def _sha256_after_header(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        header = int.from_bytes(f.read(8), "little")
+        f.seek(8 + header)
+        while chunk := f.read(HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _cached_hash(path: Path, cache_file: Path | None, kind: str, compute) -> str:
+    """`compute(path)`, done once per file version (path, size and modification time) and kept
+    in `cache_file` under `kind`."""
     path = Path(path).resolve()
     stat = path.stat()
     version = f"{stat.st_size}:{stat.st_mtime_ns}"
     with _hash_lock:
         cache = _read_cache(cache_file)
         entry = cache.get(str(path))
-        if isinstance(entry, dict) and entry.get("version") == version and isinstance(entry.get("sha256"), str):
-            return entry["sha256"]
-        digest = sha256_of(path)
+        if not isinstance(entry, dict) or entry.get("version") != version:
+            entry = {"version": version}
+        if isinstance(entry.get(kind), str):
+            return entry[kind]
+        entry[kind] = digest = compute(path)
         if cache_file is not None:
-            cache[str(path)] = {"version": version, "sha256": digest}
+            cache[str(path)] = entry
             atomic_write_json(cache_file, cache)
         return digest
 

@@ -157,6 +157,11 @@ class ModelManager:
         model = self._loaded
         return model.spec.resolution if model is not None else None
 
+    def loaded_text_width(self) -> int | None:
+        """Width of the text encoder in memory, which textual-inversion embeddings must match."""
+        model = self._loaded
+        return model.cond_stage_model.hidden_size if model is not None else None
+
     def unload(self) -> None:
         with self._lock:
             self._loaded = self._loaded_key = None

@@ -92,5 +92,6 @@ class SDModel(nn.Module):
         """Scaled latent -> image in (about) [-1, 1], in the latent's dtype."""
         return self.first_stage_model.decode(latent / self.scale_factor).to(latent.dtype)
 
-    def encode_text(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
-        return self.cond_stage_model(tokens, clip_skip)
+    def encode_text(self, tokens: torch.Tensor, clip_skip: int = 1, replace=()) -> torch.Tensor:
+        """See CLIPTextEncoder.forward; `replace` puts embedding vectors at token positions."""
+        return self.cond_stage_model(tokens, clip_skip, replace)

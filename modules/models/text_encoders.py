@@ -7,6 +7,8 @@ transformers versions keep CLIPTextModel's layers at its top level (no `text_mod
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
@@ -60,17 +62,27 @@ class CLIPTextEncoder(nn.Module):
     def hidden_size(self) -> int:
         return self.transformer.config.hidden_size
 
-    def forward(self, tokens: torch.Tensor, clip_skip: int = 1) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, clip_skip: int = 1,
+                replace: Sequence[tuple[int, int, torch.Tensor]] = ()) -> torch.Tensor:
         """tokens [B, 77] -> [B, 77, hidden]: the output of layer -clip_skip, passed through the
-        final layer norm (clip_skip=1 is the last layer)."""
+        final layer norm (clip_skip=1 is the last layer).
+
+        `replace` holds (row, position, vectors [n, hidden]): those vectors take the place of the
+        token embeddings of tokens[row, position:position + n] (textual-inversion embeddings).
+        The layers are run here rather than through CLIPTextModel.forward, which takes only
+        token ids, and only as many as clip_skip needs."""
         text_model = self.transformer.text_model
-        layers = text_model.config.num_hidden_layers
-        if not 1 <= clip_skip <= layers:
-            raise ValueError(f"clip_skip must be between 1 and {layers}, got {clip_skip}")
-        if clip_skip == 1:
-            return text_model(input_ids=tokens).last_hidden_state
-        # hidden_states[0] is the embeddings, hidden_states[-1] the last layer's output.
-        hidden = text_model(input_ids=tokens, output_hidden_states=True).hidden_states[-clip_skip]
+        layers = text_model.encoder.layers
+        if not 1 <= clip_skip <= len(layers):
+            raise ValueError(f"clip_skip must be between 1 and {len(layers)}, got {clip_skip}")
+        embeds = text_model.embeddings.token_embedding(tokens)
+        for row, position, vectors in replace:
+            embeds[row, position:position + vectors.shape[0]] = vectors.to(embeds.device, embeds.dtype)
+        hidden = text_model.embeddings(inputs_embeds=embeds)
+        n = tokens.shape[1]
+        causal = torch.full((n, n), float("-inf"), device=hidden.device, dtype=hidden.dtype).triu(1)[None, None]
+        for layer in layers[:len(layers) - clip_skip + 1]:
+            hidden = layer(hidden, causal)
         return text_model.final_layer_norm(hidden)
 
 

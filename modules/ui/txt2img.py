@@ -9,6 +9,7 @@ from modules.jobs import Job
 from modules.request import GenerationRequest, RequestError
 from modules.sampling.registry import SAMPLERS
 from modules.sampling.schedules import SCHEDULES
+from modules.ui import prompt_tools
 from modules.ui.common import OutputPanel
 
 
@@ -18,6 +19,7 @@ def build(ctx, checkpoint: gr.Dropdown) -> dict:
         with gr.Column(scale=4):
             prompt = gr.Textbox(label="Prompt", lines=3, elem_id="txt2img_prompt", placeholder="Prompt (press Ctrl+Enter to generate)")
             negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="txt2img_neg_prompt")
+            styles = prompt_tools.build_styles(ctx, prompt, negative, "txt2img")
         with gr.Column(scale=1, min_width=160):
             generate = gr.Button("Generate", variant="primary", elem_id="txt2img_generate")
             with gr.Row():
@@ -43,18 +45,20 @@ def build(ctx, checkpoint: gr.Dropdown) -> dict:
             with gr.Accordion("Advanced", open=False):
                 clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip", elem_id="txt2img_clip_skip")
                 noise_source = gr.Radio(["CPU", "GPU"], value=ctx.settings.noise_source, label="Random number source", elem_id="txt2img_noise_source")
+            prompt_tools.build_networks(ctx, "txt2img")
         with gr.Column():
             out = OutputPanel.build("txt2img")
 
-    inputs = [prompt, negative, sampler, scheduler, steps, cfg_scale, seed, width, height, batch_count, batch_size, clip_skip, noise_source, checkpoint]
+    inputs = [prompt, negative, sampler, scheduler, steps, cfg_scale, seed, width, height, batch_count, batch_size, clip_skip, noise_source, checkpoint, styles]
 
-    def run(prompt, negative, sampler, scheduler, steps, cfg_scale, seed, width, height, batch_count, batch_size, clip_skip, noise_source, checkpoint):
+    def run(prompt, negative, sampler, scheduler, steps, cfg_scale, seed, width, height, batch_count, batch_size, clip_skip, noise_source, checkpoint, styles):
         try:
             request = GenerationRequest(
                 prompt=prompt, negative_prompt=negative, sampler_name=sampler, scheduler=scheduler,
                 steps=int(steps), cfg_scale=float(cfg_scale), seed=int(seed if seed is not None else -1),
                 width=int(width), height=int(height), batch_count=int(batch_count), batch_size=int(batch_size),
                 clip_skip=int(clip_skip), noise_source=noise_source, checkpoint=checkpoint or None,
+                styles=tuple(styles or ()),
             ).validate()
         except (RequestError, TypeError, ValueError) as e:
             raise gr.Error(str(e))
@@ -67,5 +71,7 @@ def build(ctx, checkpoint: gr.Dropdown) -> dict:
     skip.click(lambda: ctx.jobs.skip(), queue=False)
     random_seed.click(lambda: -1, outputs=seed, queue=False)
     reuse_seed.click(lambda s: s, inputs=out.last_seed, outputs=seed, queue=False)
-    return {"width": width, "height": height, "prompt": prompt, "negative_prompt": negative, "sampler": sampler,
-            "scheduler": scheduler, "steps": steps, "cfg_scale": cfg_scale, "seed": seed}
+    # Keyed by GenerationRequest field, so that pasted parameters find their widgets (modules/ui/paste.py).
+    return {"width": width, "height": height, "prompt": prompt, "negative_prompt": negative, "sampler_name": sampler,
+            "scheduler": scheduler, "steps": steps, "cfg_scale": cfg_scale, "seed": seed, "clip_skip": clip_skip,
+            "noise_source": noise_source, "checkpoint": checkpoint}

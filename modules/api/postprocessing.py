@@ -1,0 +1,71 @@
+"""A1111's postprocessing routes: /extra-single-image, /extra-batch-images, /upscalers and
+/latent-upscale-modes. As in A1111, the API returns the pictures and saves nothing."""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+from fastapi import APIRouter, HTTPException
+
+from modules import extras
+from modules.api import models as api
+from modules.api.images import decode_image, encode_bytes
+from modules.jobs import Job
+from modules.upscalers import LATENT_UPSCALE_MODES
+
+
+def request_from_body(body: api.ExtrasBody) -> extras.ExtrasRequest:
+    if body.gfpgan_visibility or body.codeformer_visibility:
+        raise HTTPException(422, "face restoration (GFPGAN, CodeFormer) is not available; leave its visibility at 0")
+    return extras.ExtrasRequest(
+        resize_mode=body.resize_mode,
+        upscaling_resize=body.upscaling_resize,
+        upscaling_resize_w=body.upscaling_resize_w,
+        upscaling_resize_h=body.upscaling_resize_h,
+        upscaling_crop=body.upscaling_crop,
+        upscaler_1=body.upscaler_1,
+        upscaler_2=body.upscaler_2,
+        upscaler_2_visibility=body.extras_upscaler_2_visibility,
+    )
+
+
+def read_input(data: str, name: str) -> extras.ExtrasInput:
+    return extras.ExtrasInput(decode_image(data, name or "image"), Path(name).stem if name else "")
+
+
+def create_router(ctx) -> APIRouter:
+    router = APIRouter(prefix="/sdapi/v1")
+
+    def run(body: api.ExtrasBody, inputs: list[extras.ExtrasInput]) -> extras.ExtrasResult:
+        try:
+            request = request_from_body(body).validate(ctx.upscalers.names())
+            return ctx.jobs.run(Job(description="extras (api)"), extras.run, ctx, request, inputs, save=False)
+        except (ValueError, LookupError, OSError) as e:
+            raise HTTPException(422, str(e))
+
+    def html_info(result: extras.ExtrasResult) -> str:
+        return f"<p>{html.escape(result.infotexts[0])}</p>" if result.infotexts else ""
+
+    @router.post("/extra-single-image", response_model=api.ExtrasSingleImageResponse)
+    def extra_single_image(body: api.ExtrasSingleImageBody):
+        result = run(body, [read_input(body.image, "image")])
+        return api.ExtrasSingleImageResponse(html_info=html_info(result), image=encode_bytes(result.pngs[0]))
+
+    @router.post("/extra-batch-images", response_model=api.ExtrasBatchImagesResponse)
+    def extra_batch_images(body: api.ExtrasBatchImagesBody):
+        result = run(body, [read_input(item.data, item.name) for item in body.imageList])
+        return api.ExtrasBatchImagesResponse(html_info=html_info(result), images=[encode_bytes(png) for png in result.pngs])
+
+    @router.get("/upscalers", response_model=list[api.UpscalerItem])
+    def upscalers():
+        return [
+            api.UpscalerItem(name=u.name, model_name=u.folder, model_path=str(u.path) if u.path else None, model_url=None, scale=u.scale)
+            for u in ctx.upscalers.all()
+        ]
+
+    @router.get("/latent-upscale-modes", response_model=list[api.LatentUpscaleModeItem])
+    def latent_upscale_modes():
+        return [api.LatentUpscaleModeItem(name=m.name) for m in LATENT_UPSCALE_MODES]
+
+    return router

@@ -1,0 +1,184 @@
+"""Extras: upscaling finished pictures, one or many, as A1111's "Extras" tab does.
+
+    ExtrasRequest          what was asked (validated once, like a GenerationRequest)
+    run(ctx, request, inputs)   each input picture -> upscaled picture, its text, its file
+
+A result keeps the text its source carried (the "parameters" of the generation, read from a
+PNG chunk or a JPEG/WebP EXIF comment) and adds A1111's postprocessing line,
+"Postprocess upscale by: 2, Postprocess upscaler: Lanczos", in the "postprocessing" and
+"extras" chunks where A1111 writes it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+from modules import image_info, metadata, storage
+from modules.jobs import Job
+from modules.upscalers import NONE, target_size
+
+MODE = "extras"
+RESIZE_MODES = ("Scale by", "Scale to")  # A1111's resize_mode 0 and 1
+MAX_SCALE = 8.0
+MAX_OUTPUT_SIDE = 8192
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif")
+
+
+class ExtrasError(ValueError):
+    """A request or a picture a person has to fix; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class ExtrasRequest:
+    resize_mode: int = 0  # 0: scale by `upscaling_resize`; 1: scale to width x height
+    upscaling_resize: float = 2.0
+    upscaling_resize_w: int = 512
+    upscaling_resize_h: int = 512
+    upscaling_crop: bool = True  # scale to: crop the result to exactly width x height
+    upscaler_1: str = NONE.name
+    upscaler_2: str = NONE.name
+    upscaler_2_visibility: float = 0.0
+
+    def validate(self, upscaler_names: Iterable[str]) -> "ExtrasRequest":
+        names = list(upscaler_names)
+        problems = []
+        if self.resize_mode not in (0, 1):
+            problems.append(f"resize_mode must be 0 (scale by) or 1 (scale to), got {self.resize_mode!r}")
+        if not _number(self.upscaling_resize) or not 0 < self.upscaling_resize <= MAX_SCALE:
+            problems.append(f"upscaling_resize must be a number above 0 and at most {MAX_SCALE:g}, got {self.upscaling_resize!r}")
+        for name in ("upscaling_resize_w", "upscaling_resize_h"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_OUTPUT_SIDE:
+                problems.append(f"{name} must be a whole number from 1 to {MAX_OUTPUT_SIDE}, got {value!r}")
+        if not _number(self.upscaler_2_visibility) or not 0 <= self.upscaler_2_visibility <= 1:
+            problems.append(f"upscaler_2_visibility must be between 0 and 1, got {self.upscaler_2_visibility!r}")
+        for name in ("upscaler_1", "upscaler_2"):
+            if getattr(self, name) not in names:
+                problems.append(f"{name}: no upscaler called {getattr(self, name)!r}; available: {', '.join(names)}")
+        if problems:
+            raise ExtrasError("; ".join(problems))
+        return dataclasses.replace(self, upscaling_resize=float(self.upscaling_resize),
+                                   upscaler_2_visibility=float(self.upscaler_2_visibility), upscaling_crop=bool(self.upscaling_crop))
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass
+class ExtrasInput:
+    image: Image.Image
+    name: str = ""  # the source file's stem, kept in the output's file name
+
+
+@dataclass
+class ExtrasResult:
+    images: list[Image.Image] = field(default_factory=list)
+    infotexts: list[str] = field(default_factory=list)  # the postprocessing line of each
+    pngs: list[bytes] = field(default_factory=list)  # each picture as PNG, with all its text
+    paths: list[Path] = field(default_factory=list)
+    interrupted: bool = False
+
+
+def postprocess_params(request: ExtrasRequest, source_size: tuple[int, int]) -> tuple[tuple[int, int], dict[str, object]]:
+    """(size the upscalers produce, A1111's postprocessing info so far) for one picture."""
+    width, height = source_size
+    if request.resize_mode == 1:
+        scale = max(request.upscaling_resize_w / width, request.upscaling_resize_h / height)
+        info: dict[str, object] = {"Postprocess upscale to": f"{request.upscaling_resize_w}x{request.upscaling_resize_h}"}
+    else:
+        scale = request.upscaling_resize
+        info = {"Postprocess upscale by": request.upscaling_resize}
+    size = target_size(width, height, scale)
+    if max(size) > MAX_OUTPUT_SIDE:
+        raise ExtrasError(
+            f"a {width}x{height} picture would become {size[0]}x{size[1]}; the largest side allowed is {MAX_OUTPUT_SIDE}"
+        )
+    return size, info
+
+
+def crop_center(image: Image.Image, width: int, height: int) -> Image.Image:
+    left, top = (image.width - width) // 2, (image.height - height) // 2
+    return image.crop((left, top, left + width, top + height))
+
+
+def upscale_one(ctx, request: ExtrasRequest, image: Image.Image) -> tuple[Image.Image, dict[str, object]]:
+    """One picture through upscaler 1 (and upscaler 2 blended in), with its postprocessing info.
+    Upscaler 1 "None" leaves the picture as it is, as in A1111."""
+    image = image.convert("RGB")
+    if request.upscaler_1 == NONE.name:
+        return image, {}
+    (width, height), info = postprocess_params(request, image.size)
+    crop = request.resize_mode == 1 and request.upscaling_crop
+
+    def upscale(name: str) -> Image.Image:
+        result = ctx.upscalers.upscale(image, name, width, height, ctx.tiling)
+        return crop_center(result, request.upscaling_resize_w, request.upscaling_resize_h) if crop else result
+
+    result = upscale(request.upscaler_1)
+    if crop:
+        info["Postprocess crop to"] = f"{result.width}x{result.height}"
+    info["Postprocess upscaler"] = request.upscaler_1
+    if request.upscaler_2 != NONE.name and request.upscaler_2_visibility > 0:
+        result = Image.blend(result, upscale(request.upscaler_2), request.upscaler_2_visibility)
+        info["Postprocess upscaler 2"] = request.upscaler_2
+    return result, info
+
+
+def read_inputs(paths: Iterable[Path]) -> tuple[list[ExtrasInput], list[str]]:
+    """(the pictures that could be read, a message for each file that could not)."""
+    inputs, problems = [], []
+    for path in paths:
+        image, info = image_info.read_path(Path(path))
+        if image is None:
+            problems.append(info.error or f"{Path(path).name} could not be read")
+        else:
+            inputs.append(ExtrasInput(image, Path(path).stem))
+    return inputs, problems
+
+
+def directory_inputs(folder: str | Path) -> tuple[list[ExtrasInput], list[str]]:
+    """The pictures in a folder on the server (not its subfolders), by name."""
+    folder = Path(folder).expanduser()
+    if not str(folder).strip() or not folder.is_dir():
+        raise ExtrasError(f"input directory {str(folder)!r} does not exist or is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ExtrasError(f"no pictures ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+    return read_inputs(files)
+
+
+def run(ctx, request: ExtrasRequest, inputs: list[ExtrasInput], output_dir: Path | None = None,
+        job: Job | None = None, save: bool = True) -> ExtrasResult:
+    """Upscales every input; saves each as outputs/extras-images/<date>/NNNNN-<name>.png (or in
+    `output_dir`) when `save` is set."""
+    request = request.validate(ctx.upscalers.names())
+    if not inputs:
+        raise ExtrasError("no picture given")
+    job = job or Job()
+    job.total_steps = len(inputs)
+    folder = Path(output_dir) if output_dir else storage.dated_dir(ctx.paths.outputs, MODE)
+    result = ExtrasResult()
+    for index, source in enumerate(inputs):
+        if job.interrupted:
+            result.interrupted = True
+            break
+        job.status = f"Picture {index + 1} of {len(inputs)}"
+        image, info = upscale_one(ctx, request, source.image)
+        line = metadata.format_params_line(info)
+        carried = image_info.read_info(source.image)
+        text = {**carried.items, "postprocessing": line, "extras": line} if line else dict(carried.items)
+        png = storage.png_bytes(image, carried.parameters or None, text)
+        if save:
+            name = storage.sanitize_prompt(source.name, ctx.settings.filename_prompt_max)
+            result.paths.append(storage.save_png(png, folder, name, what=f"the upscaled {source.name or 'picture'}"))
+        result.images.append(image)
+        result.infotexts.append(line)
+        result.pngs.append(png)
+        job.step = index + 1
+    return result

@@ -1,0 +1,69 @@
+"""Sending a picture's parameters (or the picture itself) to a tab: "Send to txt2img", "Send to extras".
+
+A tab that can receive describes itself as a PasteTarget: its id in the main tabs and its
+components by GenerationRequest field name. `send_button` wires a button that fills those
+fields from an infotext, as A1111 does; fields an infotext does not mention, or gives a value
+that cannot be used for, keep what the person had set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import gradio as gr
+
+from modules import metadata
+
+
+@dataclass
+class PasteTarget:
+    tab_id: str  # the id of the tab in the main gr.Tabs
+    label: str  # as on the button: "Send to <label>"
+    fields: dict[str, gr.components.Component] = field(default_factory=dict)  # request field -> component
+    image: gr.components.Component | None = None  # receives the picture itself, where the tab takes one
+    # Further updates when a picture arrives, e.g. selecting the tab's single-image input.
+    image_updates: dict = field(default_factory=dict)
+
+
+def checkpoint_title(ctx, params: dict[str, str]) -> str | None:
+    """The dropdown title of the infotext's "Model", when that checkpoint is here."""
+    name = params.get("Model")
+    if not name:
+        return None
+    try:
+        return ctx.models.find_checkpoint(name).title
+    except LookupError:
+        return None
+
+
+def field_values(ctx, infotext: str, fields: dict[str, object]) -> dict[object, object]:
+    """{component: new value} for the components of `fields` that the infotext sets."""
+    prompt, negative, params = metadata.parse_infotext(infotext or "")
+    values = metadata.request_fields(prompt, negative, params)
+    checkpoint = checkpoint_title(ctx, params)
+    if checkpoint is not None:
+        values["checkpoint"] = checkpoint
+    return {fields[name]: value for name, value in values.items() if name in fields}
+
+
+def send_button(ctx, target: PasteTarget, tabs: gr.Tabs, infotext: gr.components.Component,
+                image: gr.components.Component | None = None) -> gr.Button:
+    """A "Send to <tab>" button: fills the target's fields from `infotext`'s value, hands over
+    `image`'s value where the target takes a picture, and switches to the target's tab."""
+    button = gr.Button(f"Send to {target.label}", elem_id=f"send_to_{target.tab_id}", size="sm")
+    field_components = list(target.fields.values())
+    takes_image = target.image is not None and image is not None
+    outputs = [*field_components, *([target.image] if takes_image else []), tabs]
+    extra = target.image_updates if takes_image else {}
+    outputs += [c for c in extra if c not in outputs]
+
+    def send(text, picture=None):
+        updates = field_values(ctx, text, target.fields) if text else {}
+        if takes_image:
+            updates[target.image] = picture
+            updates.update(extra)
+        updates[tabs] = gr.Tabs(selected=target.tab_id)
+        return updates
+
+    button.click(send, inputs=[infotext, *([image] if takes_image else [])], outputs=outputs, queue=False)
+    return button
