@@ -1,5 +1,5 @@
-"""The img2img tab's inpaint editor in headless Chromium: upload a picture, paint a stroke across it
-with the mouse, Generate, and check that only the painted band was redrawn."""
+"""The img2img tab in headless Chromium: paint a stroke in the inpaint editor, Generate, and check
+that only the painted band was redrawn; send a picture and its parameters from PNG Info."""
 
 import io
 
@@ -87,3 +87,23 @@ def test_painted_stroke_is_redrawn_and_nothing_else(page, tmp_path):
     page.locator("#img2img_seed input[type=number]").fill("5")
     page.locator("#img2img_generate").click()
     page.locator("#img2img_infotext").get_by_text("Seed: 5,").wait_for(timeout=60_000)
+
+
+def test_png_info_sends_the_picture_and_its_parameters_to_img2img(page, tmp_path):
+    from modules import storage
+
+    text = "a red circle\nSteps: 9, Sampler: Euler, CFG scale: 6, Seed: 77, Size: 64x64, Denoising strength: 0.35, Model: tiny"
+    (tmp_path / "made.png").write_bytes(storage.png_bytes(Image.new("RGB", (64, 64), "blue"), text))
+    page.get_by_role("tab", name="PNG Info").click()
+    page.locator("#pnginfo_image input[type=file]").set_input_files(tmp_path / "made.png")
+    page.locator("#pnginfo_html").get_by_text("Seed: 77").wait_for(timeout=20_000)
+    page.locator("#send_to_img2img").click()
+    page.locator("#img2img_image img").wait_for(timeout=20_000)
+    page.wait_for_function("document.querySelector('#img2img_seed input').value === '77'", timeout=10_000)
+    assert page.locator("#img2img_prompt textarea").input_value() == "a red circle"
+    assert page.locator("#img2img_denoising_strength input[type=number]").input_value() == "0.35"
+
+    page.locator("#img2img_generate").click()
+    page.locator("#img2img_infotext").get_by_text("Seed: 77,").wait_for(timeout=60_000)
+    infotext = page.locator("#img2img_infotext").inner_text()
+    assert "Steps: 9, Sampler: Euler" in infotext and "Denoising strength: 0.35" in infotext

@@ -13,6 +13,7 @@ from modules.request import Img2ImgRequest, RequestError
 from modules.sampling.registry import SAMPLERS
 from modules.sampling.schedules import SCHEDULES
 from modules.ui.common import OutputPanel
+from modules.ui.paste import PasteTarget
 
 # The source tabs, in order: the index is what the tab's select event stores.
 SOURCES = ("img2img", "Inpaint", "Inpaint upload", "Batch")
@@ -41,7 +42,7 @@ def size_of(image: Image.Image | None) -> tuple:
     return tuple(min(high, max(low, round(side / 8) * 8)) for side in image.size)
 
 
-def build(ctx, checkpoint: gr.Dropdown) -> dict:
+def build(ctx, checkpoint: gr.Dropdown) -> PasteTarget:
     defaults = Img2ImgRequest()
     source = gr.State(0)
     with gr.Row():
@@ -55,7 +56,7 @@ def build(ctx, checkpoint: gr.Dropdown) -> dict:
                 skip = gr.Button("Skip", elem_id="img2img_skip", size="sm")
     with gr.Row():
         with gr.Column():
-            with gr.Tabs(elem_id="img2img_sources"):
+            with gr.Tabs(elem_id="img2img_sources") as sources:
                 with gr.Tab(SOURCES[0], id="img2img_tab_img2img") as tab_img2img:
                     image = gr.Image(label="Image for img2img", type="pil", image_mode=None, sources=["upload", "clipboard"],
                                      elem_id="img2img_image", height=420)
@@ -190,5 +191,14 @@ def build(ctx, checkpoint: gr.Dropdown) -> dict:
     # unqueued event did not receive.
     editor.upload(lambda value: size_of((value or {}).get("background")), inputs=editor, outputs=[width, height])
     script.change(lambda name: gr.update(visible=name == img2img.OUTPAINT_SCRIPT), inputs=script, outputs=outpaint_options, queue=False)
-    return {"width": width, "height": height, "prompt": prompt, "negative_prompt": negative, "sampler": sampler,
-            "scheduler": scheduler, "steps": steps, "cfg_scale": cfg_scale, "seed": seed, "denoising_strength": denoising}
+    # Pasted parameters (PNG Info's "Send to img2img") land in the widgets of the request fields
+    # they name; the picture goes to the img2img source.
+    fields = {"prompt": prompt, "negative_prompt": negative, "sampler_name": sampler, "scheduler": scheduler,
+              "steps": steps, "cfg_scale": cfg_scale, "seed": seed, "width": width, "height": height,
+              "clip_skip": clip_skip, "noise_source": noise_source, "checkpoint": checkpoint,
+              "denoising_strength": denoising, "mask_blur": mask_blur, "inpaint_full_res_padding": padding,
+              "inpainting_mask_weight": mask_weight}
+    return PasteTarget(
+        tab_id="img2img", label="img2img", fields=fields, image=image,
+        image_updates={sources: gr.update(selected="img2img_tab_img2img"), source: 0, inpaint_options: gr.update(visible=False)},
+    )

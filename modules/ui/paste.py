@@ -39,7 +39,7 @@ def checkpoint_title(ctx, params: dict[str, str]) -> str | None:
 def field_values(ctx, infotext: str, fields: dict[str, object]) -> dict[object, object]:
     """{component: new value} for the components of `fields` that the infotext sets."""
     prompt, negative, params = metadata.parse_infotext(infotext or "")
-    values = metadata.request_fields(prompt, negative, params)
+    values = metadata.request_fields(prompt, negative, params, img2img=True)
     checkpoint = checkpoint_title(ctx, params)
     if checkpoint is not None:
         values["checkpoint"] = checkpoint
