@@ -168,6 +168,8 @@ def test_merged_checkpoint_is_listed_at_once(page, tiny_data_dir):
 
 
 def test_train_tab_creates_an_embedding_and_stops_training_on_interrupt(page, tiny_data_dir, tmp_path):
+    from playwright.sync_api import expect
+
     from modules.training.textual_inversion import read_embedding
 
     pictures = tmp_path / "pictures"
@@ -176,10 +178,12 @@ def test_train_tab_creates_an_embedding_and_stops_training_on_interrupt(page, ti
         Image.new("RGB", (64, 64), (200, 40 * i, 0)).save(pictures / f"{i}.png")
     page.get_by_role("tab", name="Train", exact=True).first.click()
     page.locator("#train_embedding_name").locator("textarea, input").first.fill("browserbed")
-    page.locator("#train_embedding_vectors input[type=number]").fill("2")
-    page.locator("#train_embedding_vectors input[type=number]").press("Enter")
+    vectors_box = page.locator("#train_embedding_vectors input[type=number]")
+    vectors_box.fill("2")
+    vectors_box.press("Tab")  # the slider takes a typed number when the box loses focus
+    expect(page.locator("#train_embedding_vectors input[type=range]")).to_have_value("2", timeout=10_000)
     page.locator("#train_create_embedding").click()
-    page.locator("#train_create_status").get_by_text("Created browserbed.pt").wait_for(timeout=20_000)
+    page.locator("#train_create_status").get_by_text("Created browserbed.pt (2 vectors)").wait_for(timeout=20_000)
     vectors, step = read_embedding(tiny_data_dir / "embeddings" / "browserbed.pt")
     assert vectors.shape[0] == 2 and step == 0
 

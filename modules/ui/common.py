@@ -106,3 +106,16 @@ class OutputPanel:
                     self.last_seed: result.seeds[0] if result.seeds else -1,
                 }
                 return result
+
+
+def wire_generation(ctx, run, inputs: list, out: OutputPanel, *, generate: gr.Button, prompt: gr.Textbox,
+                    interrupt: gr.Button, skip: gr.Button, random_seed: gr.Button, reuse_seed: gr.Button,
+                    seed: gr.Number) -> None:
+    """The buttons every generating tab has: Generate (and Enter in the prompt) runs `run`,
+    Interrupt and Skip reach the running job, the dice and recycle buttons set the seed."""
+    generate.click(run, inputs=inputs, outputs=out.components, concurrency_limit=None)
+    prompt.submit(run, inputs=inputs, outputs=out.components, concurrency_limit=None)
+    interrupt.click(lambda: ctx.jobs.interrupt(), queue=False)
+    skip.click(lambda: ctx.jobs.skip(), queue=False)
+    random_seed.click(lambda: -1, outputs=seed, queue=False)
+    reuse_seed.click(lambda s: s, inputs=out.last_seed, outputs=seed, queue=False)

@@ -12,7 +12,7 @@ from modules.jobs import Job
 from modules.request import Img2ImgRequest, RequestError
 from modules.sampling.registry import SAMPLERS
 from modules.sampling.schedules import SCHEDULES
-from modules.ui.common import OutputPanel
+from modules.ui.common import OutputPanel, wire_generation
 from modules.ui.paste import PasteTarget
 
 # The source tabs, in order: the index is what the tab's select event stores.
@@ -172,13 +172,8 @@ def build(ctx, checkpoint: gr.Dropdown) -> PasteTarget:
         else:
             yield from out.stream(ctx, Job(description="img2img"), pipeline.generate, request)
 
-    outputs = out.components
-    generate.click(run, inputs=inputs, outputs=outputs, concurrency_limit=None)
-    prompt.submit(run, inputs=inputs, outputs=outputs, concurrency_limit=None)
-    interrupt.click(lambda: ctx.jobs.interrupt(), queue=False)
-    skip.click(lambda: ctx.jobs.skip(), queue=False)
-    random_seed.click(lambda: -1, outputs=seed, queue=False)
-    reuse_seed.click(lambda s: s, inputs=out.last_seed, outputs=seed, queue=False)
+    wire_generation(ctx, run, inputs, out, generate=generate, prompt=prompt, interrupt=interrupt, skip=skip,
+                    random_seed=random_seed, reuse_seed=reuse_seed, seed=seed)
 
     def chosen(index: int):
         return lambda: (index, gr.update(visible=index in INPAINTING_SOURCES))

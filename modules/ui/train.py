@@ -66,7 +66,8 @@ def build(ctx) -> None:
         except (ValueError, LookupError, OSError) as e:
             raise gr.Error(str(e))
         names = ti.embedding_names(ctx.paths.embeddings)
-        return f"Created `{path.name}`.", gr.update(choices=names, value=path.stem)
+        count = int(vectors)
+        return f"Created `{path.name}` ({count} vector{'s' if count > 1 else ''}).", gr.update(choices=names, value=path.stem)
 
     def on_train(embedding, learn_rate, batch_size, gradient_steps, dataset, template, size, steps, save_every,
                  preview_every, shuffle_tags, tag_dropout, latent_sampling):

@@ -10,7 +10,7 @@ from modules.request import GenerationRequest, RequestError
 from modules.sampling.registry import SAMPLERS
 from modules.sampling.schedules import SCHEDULES
 from modules.ui import prompt_tools
-from modules.ui.common import OutputPanel
+from modules.ui.common import OutputPanel, wire_generation
 
 
 def build(ctx, checkpoint: gr.Dropdown) -> dict:
@@ -64,13 +64,8 @@ def build(ctx, checkpoint: gr.Dropdown) -> dict:
             raise gr.Error(str(e))
         yield from out.stream(ctx, Job(description="txt2img"), pipeline.generate, request)
 
-    outputs = out.components
-    generate.click(run, inputs=inputs, outputs=outputs, concurrency_limit=None)
-    prompt.submit(run, inputs=inputs, outputs=outputs, concurrency_limit=None)
-    interrupt.click(lambda: ctx.jobs.interrupt(), queue=False)
-    skip.click(lambda: ctx.jobs.skip(), queue=False)
-    random_seed.click(lambda: -1, outputs=seed, queue=False)
-    reuse_seed.click(lambda s: s, inputs=out.last_seed, outputs=seed, queue=False)
+    wire_generation(ctx, run, inputs, out, generate=generate, prompt=prompt, interrupt=interrupt, skip=skip,
+                    random_seed=random_seed, reuse_seed=reuse_seed, seed=seed)
     # Keyed by GenerationRequest field, so that pasted parameters find their widgets (modules/ui/paste.py).
     return {"width": width, "height": height, "prompt": prompt, "negative_prompt": negative, "sampler_name": sampler,
             "scheduler": scheduler, "steps": steps, "cfg_scale": cfg_scale, "seed": seed, "clip_skip": clip_skip,
