@@ -91,9 +91,10 @@ def infotext_params(
     """The parameters of one image, in A1111's order; None values are left out.
 
     "Clip skip" appears only above 1 and "RNG" only when the noise was not made on the GPU:
-    A1111 reads a missing key as those defaults. img2img requests add "Denoising strength";
-    `mask_weight` is written as "Conditional mask weight" (inpainting models) and `extra` (the
-    inpainting options, see img2img.prepare) goes last, where A1111 puts such entries."""
+    A1111 reads a missing key as those defaults. img2img and hires fix requests add "Denoising
+    strength"; `mask_weight` is written as "Conditional mask weight" (inpainting models) and
+    `extra` (the inpainting options, see img2img.prepare) and the hires keys go last, where A1111
+    puts such entries."""
     params: dict[str, object | None] = {
         "Steps": request.steps,
         "Sampler": request.sampler_name,
@@ -103,13 +104,25 @@ def infotext_params(
         "Size": f"{request.width}x{request.height}",
         "Model hash": model_hash,
         "Model": model_name,
-        "Denoising strength": getattr(request, "denoising_strength", None),
+        "Denoising strength": request.strength_used,
         "Conditional mask weight": mask_weight,
         "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
         "RNG": request.noise_source if request.noise_source != "GPU" else None,
         **(extra or {}),
+        **(_hires_params(request) if request.enable_hr else {}),
     }
     return {key: value for key, value in params.items() if value is not None}
+
+
+def _hires_params(request: GenerationRequest) -> dict[str, object | None]:
+    """A1111's keys for the hires fix; "Size" stays the first pass's."""
+    resize = request.hr_resize_x or request.hr_resize_y
+    return {
+        "Hires upscale": None if resize else request.hr_scale,
+        "Hires resize": f"{request.hr_resize_x}x{request.hr_resize_y}" if resize else None,
+        "Hires steps": request.hr_second_pass_steps or None,
+        "Hires upscaler": request.hr_upscaler,
+    }
 
 
 def format_params_line(params: dict[str, object]) -> str:
@@ -210,6 +223,20 @@ _READERS: dict[str, Callable[[str], dict[str, object]]] = {
     "RNG": _noise_source,
 }
 
+def _hires_resize(value: str) -> dict[str, object]:
+    size = _size(value)
+    return {"enable_hr": True, "hr_resize_x": size["width"], "hr_resize_y": size["height"]}
+
+
+# The hires fix's keys; "Denoising strength" is its strength when one of the first two is there.
+_HIRES_READERS: dict[str, Callable[[str], dict[str, object]]] = {
+    "Hires upscale": lambda value: {"enable_hr": True, "hr_scale": float(value)},
+    "Hires resize": _hires_resize,
+    "Hires steps": _field("hr_second_pass_steps", int),
+    "Hires upscaler": _field("hr_upscaler", str),
+    "Denoising strength": _field("denoising_strength", float),
+}
+
 # What A1111 means by a key that is missing from a parameters line.
 _MISSING_MEANS = {"Clip skip": "1", "RNG": "GPU", "Schedule type": "Automatic"}
 
@@ -253,6 +280,10 @@ def request_fields(prompt: str, negative_prompt: str, params: dict[str, str], *,
     readers = dict(_READERS)
     if params:
         params = {**_MISSING_MEANS, **params}
+    if "Hires upscale" in params or "Hires resize" in params:
+        readers.update(_HIRES_READERS)
+    elif params:
+        fields["enable_hr"] = False  # a picture made without the hires fix is remade without it
     if img2img:
         readers.update(_img2img_readers())
         if "Mask blur" in params:  # the inpainting keys' defaults hold only where a mask was used

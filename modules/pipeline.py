@@ -13,7 +13,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from modules import embeddings as ti
-from modules import img2img, lora, metadata, storage
+from modules import hires, img2img, lora, metadata, storage
 from modules.conditioning import embeddings_used, encode_prompts
 from modules.context import AppContext
 from modules.extra_networks import strip_extra_networks
@@ -47,10 +47,11 @@ def _no_offload(part: str):
 
 
 def sampling_steps(request: GenerationRequest) -> int:
-    """How many steps sampling one batch takes: fewer than `steps` for img2img (A1111's rule)."""
-    if not isinstance(request, Img2ImgRequest):
-        return request.steps
-    return request.steps - img2img_start(request.steps, request.denoising_strength)
+    """How many steps sampling one batch takes: fewer than `steps` for img2img (A1111's rule),
+    more with the hires fix's second pass."""
+    if isinstance(request, Img2ImgRequest):
+        return request.steps - img2img_start(request.steps, request.denoising_strength)
+    return request.steps + (hires.sampling_steps(request) if request.enable_hr else 0)
 
 
 def sample_latents(sd_model, request: GenerationRequest, seeds: list[int], *, device=None,
@@ -112,6 +113,27 @@ def sample_latents(sd_model, request: GenerationRequest, seeds: list[int], *, de
     return latents
 
 
+def _hires_pass(sd_model, request, latents, seeds, ctx, using, on_step, embeddings) -> torch.Tensor:
+    """The hires fix's upscale and second pass over one batch's first-pass latents."""
+    device = ctx.models.policy.device
+
+    def to_images(latents):
+        with using("vae"):
+            return latents_to_images(sd_model, latents)
+
+    def encode(pixels):
+        with using("vae"), torch.no_grad():
+            return sd_model.encode_first_stage(pixels)
+
+    upscaled = hires.upscale(sd_model, latents, request, ctx.upscalers, to_images, encode)
+    init = img2img.InitLatent(upscaled, request.denoising_strength)
+    try:
+        return sample_latents(sd_model, hires.second_pass_request(request), seeds, device=device, using=using,
+                              callback=lambda d: on_step(d, before=request.steps), embeddings=embeddings, init=init)
+    except SamplingStopped as stopped:
+        return stopped.latent
+
+
 def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None, save: bool | None = None) -> Result:
     """Runs every batch of the request; `save` None follows the user's setting."""
     # 1. The request: validated before its styles are written into the prompts (their names) and
@@ -119,6 +141,8 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
     #    files the prompt names are found (or the job stops here, naming the one missing).
     request = ctx.styles.apply(request.validate()).validate().with_seed_resolved()
     loras = ctx.loras.resolve(request.prompt)
+    if request.enable_hr:
+        hires.check_upscaler(request, ctx.upscalers)
     job = job or Job()
     result = Result(request=request)
 
@@ -158,12 +182,13 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
             job.status = f"Batch {batch_index + 1} of {request.batch_count}"
             first_step = job.step
 
-            def on_step(d):
-                job.step = first_step + d["i"] + 1
+            def on_step(d, before: int = 0):  # `before`: the steps of earlier passes of this batch
+                done = before + d["i"] + 1
+                job.step = first_step + done
                 progress.update(job.step - progress.n)
                 if job.interrupted or job.skipped:
                     raise SamplingStopped(d["denoised"])
-                if preview_every and (d["i"] + 1) % preview_every == 0 and d["i"] + 1 < steps:
+                if preview_every and (d["i"] + 1) % preview_every == 0 and done < steps:
                     with using("vae"):
                         job.preview = latents_to_images(sd_model, d["denoised"][:1])[0]
                     job.preview_id += 1
@@ -180,7 +205,11 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
                                          init=init, image_conditioning=conditioning)
             except SamplingStopped as stopped:
                 latents = stopped.latent
-                result.interrupted = result.interrupted or job.interrupted
+            # The hires fix, unless the first pass was stopped (as in A1111).
+            hires_done = request.enable_hr and not (job.interrupted or job.skipped)
+            if hires_done:
+                latents = _hires_pass(sd_model, request, latents, batch_seeds, ctx, using, on_step, embeddings)
+            result.interrupted = result.interrupted or job.interrupted
 
             # 6. Latents -> pixels (img2img: pasted back and composited over the original).
             with using("vae"):
@@ -193,8 +222,9 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
                 infotext = metadata.format_infotext(
                     request.prompt,
                     request.negative_prompt,
-                    metadata.infotext_params(info_request, seed=seed, model_hash=model_hash, model_name=checkpoint.name,
-                                             mask_weight=mask_weight, extra=prepared.params if prepared else None)
+                    metadata.infotext_params(info_request.replace(enable_hr=hires_done), seed=seed, model_hash=model_hash,
+                                             model_name=checkpoint.name, mask_weight=mask_weight,
+                                             extra=prepared.params if prepared else None)
                     | network_params,
                 )
                 if save:

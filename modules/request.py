@@ -47,8 +47,21 @@ class GenerationRequest:
     noise_source: str = "CPU"
     checkpoint: str | None = None  # None: whatever the model manager has selected
     styles: tuple[str, ...] = ()  # names in styles.csv, applied to the prompts in this order
+    # Hires fix (txt2img, A1111's names): sample at width x height, upscale, then an img2img pass.
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str = "Latent"  # a latent upscale mode or an upscaler's name
+    hr_second_pass_steps: int = 0  # 0: as many as `steps`
+    hr_resize_x: int = 0  # a width and/or height to upscale to instead of by hr_scale (0: unset)
+    hr_resize_y: int = 0
+    denoising_strength: float = 0.7  # of the hires pass here; of the whole job in img2img
 
     mode = "txt2img"
+
+    @property
+    def strength_used(self) -> float | None:
+        """The denoising strength sampling uses: img2img's, the hires pass's, or none."""
+        return self.denoising_strength if self.mode == "img2img" or self.enable_hr else None
 
     def replace(self, **changes) -> "GenerationRequest":
         return dataclasses.replace(self, **changes)
@@ -99,10 +112,40 @@ class GenerationRequest:
             scheduler = find_schedule(self.scheduler)
         except ValueError as e:
             problems.append(str(e))
+        if self.enable_hr not in (False, True):
+            problems.append(f"enable_hr must be true or false, got {self.enable_hr!r}")
+        elif self.enable_hr and not problems:
+            problems += self._hires_problems()
         if problems:
             raise RequestError("; ".join(problems))
+        hires = dict(denoising_strength=float(self.denoising_strength), hr_scale=float(self.hr_scale)) if self.enable_hr else {}
         return self.replace(sampler_name=sampler.name, scheduler=scheduler.label, cfg_scale=float(self.cfg_scale),
-                            styles=tuple(self.styles))
+                            styles=tuple(self.styles), enable_hr=bool(self.enable_hr), **hires)
+
+    def _hires_problems(self) -> list[str]:
+        from modules import hires
+
+        problems = strength_problems(self.denoising_strength, self.hr_second_pass_steps or self.steps, self.sampler_name)
+        if not isinstance(self.hr_upscaler, str) or not self.hr_upscaler:
+            problems.append(f"hr_upscaler must be the name of an upscaler, got {self.hr_upscaler!r}")
+        scale = self.hr_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 1.0 <= scale <= hires.MAX_SCALE:
+            problems.append(f"hr_scale must be a number from 1 to {hires.MAX_SCALE:g}, got {scale!r}")
+        for field, value, low, high in (
+            ("hr_second_pass_steps", self.hr_second_pass_steps, 0, MAX_STEPS),
+            ("hr_resize_x", self.hr_resize_x, 0, MAX_SIDE),
+            ("hr_resize_y", self.hr_resize_y, 0, MAX_SIDE),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                problems.append(f"{field} must be a whole number from {low} to {high}, got {value!r}")
+            elif field != "hr_second_pass_steps" and value % 8:
+                problems.append(f"{field} must be a multiple of 8, got {value}")
+        if not problems:
+            width, height = hires.target_size(self)
+            if max(width, height) > MAX_SIDE or min(width, height) < min(self.width, self.height, 64):
+                problems.append(f"the hires fix would make {width}x{height} pictures; each side must be from "
+                                f"64 to {MAX_SIDE}")
+        return problems
 
     def with_seed_resolved(self, rng: random.Random | None = None) -> "GenerationRequest":
         if self.seed != -1:
@@ -112,6 +155,19 @@ class GenerationRequest:
     def seeds(self) -> list[int]:
         """Image i of the whole job uses seed + i, whatever the batch layout."""
         return [self.seed + i for i in range(self.batch_count * self.batch_size)]
+
+
+def strength_problems(strength, steps, sampler_name) -> list[str]:
+    """What is wrong with a denoising strength for an img2img pass of `steps` steps."""
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
+        return [f"denoising_strength must be a number from 0 to 1, got {strength!r}"]
+    if strength > 0 and isinstance(steps, int) and not isinstance(steps, bool) and 1 <= steps <= MAX_STEPS:
+        with contextlib.suppress(ValueError):
+            sampler = find_sampler(sampler_name)
+            if sampler.own_levels and steps - img2img_start(steps, strength) < 2:
+                return [f"{sampler.name} needs at least 2 noise levels, but denoising strength {strength} of "
+                        f"{steps} steps leaves 1; raise the strength or the steps, or pick another sampler"]
+    return []
 
 
 MAX_OUTPAINT_PIXELS = 256
@@ -209,18 +265,9 @@ class Img2ImgRequest(GenerationRequest):
             return images, None
 
     def _option_problems(self) -> list[str]:
-        problems = []
-        strength = self.denoising_strength
-        if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
-            problems.append(f"denoising_strength must be a number from 0 to 1, got {strength!r}")
-        elif strength > 0 and isinstance(self.steps, int) and not isinstance(self.steps, bool) and 1 <= self.steps <= MAX_STEPS:
-            with contextlib.suppress(ValueError):
-                sampler = find_sampler(self.sampler_name)
-                if sampler.own_levels and self.steps - img2img_start(self.steps, strength) < 2:
-                    problems.append(
-                        f"{sampler.name} needs at least 2 noise levels, but denoising strength {strength} of "
-                        f"{self.steps} steps leaves 1; raise the strength or the steps, or pick another sampler"
-                    )
+        problems = strength_problems(self.denoising_strength, self.steps, self.sampler_name)
+        if self.enable_hr:
+            problems.append("enable_hr: the hires fix is a txt2img option")
         weight = self.inpainting_mask_weight
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
             problems.append(f"inpainting_mask_weight must be a number from 0 to 1, got {weight!r}")

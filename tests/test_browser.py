@@ -199,3 +199,34 @@ def test_train_tab_creates_an_embedding_and_stops_training_on_interrupt(page, ti
     step = int(status.split("Interrupted at step ")[1].split()[0])
     assert 0 < step < 100000
     assert read_embedding(tiny_data_dir / "embeddings" / "browserbed.pt")[1] == step
+
+
+def test_pasted_hires_parameters_run_the_hires_fix(page, tmp_path):
+    from playwright.sync_api import expect
+
+    from modules import storage
+
+    text = ("a red star\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 64x64, Model: tiny, "
+            "Denoising strength: 0.4, Hires upscale: 1.5, Hires upscaler: Nearest")
+    (tmp_path / "hires.png").write_bytes(storage.png_bytes(Image.new("RGB", (96, 96), "red"), text))
+    page.get_by_role("tab", name="PNG Info").click()
+    page.locator("#pnginfo_image").get_by_role("button", name="Clear").click()
+    page.locator("#pnginfo_image input[type=file]").set_input_files(tmp_path / "hires.png")
+    page.locator("#pnginfo_html").get_by_text("Hires upscale: 1.5").wait_for(timeout=20_000)
+    page.locator("#send_to_txt2img").click()
+    page.locator("#txt2img_prompt textarea").wait_for(state="visible")
+    page.wait_for_function("document.querySelector('#txt2img_seed input').value === '5'", timeout=10_000)
+
+    page.locator("#txt2img_hr").get_by_text("Hires. fix").first.click()
+    expect(page.locator("#txt2img_enable_hr input")).to_be_checked(timeout=10_000)
+    expect(page.locator("#txt2img_hr_upscaler input")).to_have_value("Nearest")
+    expect(page.locator("#txt2img_denoising_strength input[type=number]")).to_have_value("0.4")
+    expect(page.locator("#txt2img_hr_final")).to_contain_text("from 64x64 to 96x96", timeout=10_000)
+
+    page.locator("#txt2img_generate").click()
+    page.locator("#txt2img_infotext").get_by_text("Hires upscaler: Nearest").wait_for(timeout=60_000)
+    image = page.locator("#txt2img_gallery img").first
+    picture = Image.open(io.BytesIO(page.request.get(image.get_attribute("src")).body()))
+    assert picture.size == (96, 96)
+    # No "RNG" key was pasted: A1111 reads that as noise made on the GPU, and so does the tab.
+    assert picture.info["parameters"].endswith("Model: tiny, Denoising strength: 0.4, Hires upscale: 1.5, Hires upscaler: Nearest")

@@ -97,6 +97,25 @@ def test_resume_refuses_a_different_recipe(tmp_path):
         _train(tmp_path, "run", 2, "--resume", "--unet-ch", "64")
 
 
+def test_training_on_from_a_checkpoint_keeps_its_autoencoder(trained, tmp_path):
+    start = load_checkpoint(trained).state_dict()
+    out = _train(tmp_path, "on", 2, "--init-from", str(trained), "--high-noise-fraction", "0.5")
+    tuned = load_checkpoint(out).state_dict()
+    vae = [k for k in start if k.startswith("first_stage_model.")]
+    assert vae and all(torch.equal(start[k], tuned[k]) for k in vae)
+    # The UNet went on from the checkpoint's weights: two small steps away, not a new network.
+    unet = [k for k in start if k.startswith("model.diffusion_model.") and start[k].abs().sum() > 0]
+    moved = [k for k in unet if not torch.equal(start[k], tuned[k])]
+    assert moved and all(torch.allclose(start[k].float(), tuned[k].float(), atol=0.02) for k in unet)
+    with safe_open(str(out), "pt") as f:
+        assert f'"initialised_from": "{trained.name}"' in f.metadata()["training"]
+
+
+def test_training_on_from_a_checkpoint_of_other_networks_is_refused(trained, tmp_path):
+    with pytest.raises(SystemExit, match="cannot start from .*its networks differ"):
+        _train(tmp_path, "other", 1, "--init-from", str(trained), "--unet-ch", "64")
+
+
 # ---- evaluation script ----
 
 def test_evaluation_runs_on_a_few_samples(trained):

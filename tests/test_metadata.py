@@ -145,14 +145,20 @@ ROUND_TRIP_REQUESTS = [
         prompt="", negative_prompt="only a negative", sampler_name="DPM++ 3M SDE", scheduler="Exponential",
         steps=150, cfg_scale=30.0, seed=123, clip_skip=12, noise_source="CPU",
     ),
+    GenerationRequest(
+        prompt="a cat", enable_hr=True, hr_scale=1.5, hr_upscaler="Latent (bicubic antialiased)",
+        hr_second_pass_steps=7, denoising_strength=0.35, width=64, height=64,
+    ),
+    GenerationRequest(prompt="a cat", enable_hr=True, hr_resize_x=0, hr_resize_y=1024, hr_upscaler="Lanczos"),
 ]
 ROUND_TRIP_FIELDS = (
     "prompt", "negative_prompt", "sampler_name", "scheduler", "steps", "cfg_scale",
-    "seed", "width", "height", "clip_skip", "noise_source",
+    "seed", "width", "height", "clip_skip", "noise_source", "enable_hr", "hr_scale", "hr_upscaler",
+    "hr_second_pass_steps", "hr_resize_x", "hr_resize_y", "denoising_strength",
 )
 
 
-@pytest.mark.parametrize("request_", ROUND_TRIP_REQUESTS, ids=["full", "defaults-omitted", "negative-only"])
+@pytest.mark.parametrize("request_", ROUND_TRIP_REQUESTS, ids=["full", "defaults-omitted", "negative-only", "hires-scale", "hires-resize"])
 def test_round_trip_request_to_infotext_and_back(request_):
     request_ = request_.validate()
     text = text_for(request_, request_.seed, "6ce0161689", "v1-5-pruned-emaonly")
@@ -182,6 +188,8 @@ def test_a1111_text_maps_onto_request_fields():
         "steps": 28, "sampler_name": "DPM++ 2M", "scheduler": "Karras", "cfg_scale": 6.5,
         "seed": 3046184411, "width": 512, "height": 768, "clip_skip": 2,
         "noise_source": "GPU",  # no "RNG" key: A1111 made the noise on the GPU
+        "enable_hr": True, "hr_scale": 2.0, "hr_second_pass_steps": 15, "hr_upscaler": "R-ESRGAN 4x+",
+        "denoising_strength": 0.45,
     }
 
 
@@ -222,9 +230,10 @@ def test_empty_text(text):
 
 
 def test_unreadable_values_are_skipped_not_raised():
-    text = "p\nSteps: many, Sampler: Nonexistent sampler, CFG scale: x, Seed: 12, Size: big, RNG: NV, Clip skip: 1.5"
+    text = ("p\nSteps: many, Sampler: Nonexistent sampler, CFG scale: x, Seed: 12, Size: big, RNG: NV, Clip skip: 1.5, "
+            "Hires upscale: big, Hires steps: 2.5, Hires upscaler: Lanczos")
     assert request_from_infotext(text) == {
-        "prompt": "p", "negative_prompt": "", "seed": 12, "scheduler": "Automatic",
+        "prompt": "p", "negative_prompt": "", "seed": 12, "scheduler": "Automatic", "hr_upscaler": "Lanczos",
     }
 
 
@@ -232,7 +241,7 @@ def test_request_fields_uses_already_parsed_text():
     fields = request_fields("a", "b", {"Steps": "3", "Size": "64x96", "Unknown key": "x"})
     assert fields == {
         "prompt": "a", "negative_prompt": "b", "steps": 3, "width": 64, "height": 96,
-        "clip_skip": 1, "noise_source": "GPU", "scheduler": "Automatic",
+        "clip_skip": 1, "noise_source": "GPU", "scheduler": "Automatic", "enable_hr": False,
     }
 
 

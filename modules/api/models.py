@@ -7,8 +7,10 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class Txt2ImgBody(BaseModel):
-    # A1111 clients send many more fields (hires, refiner, scripts...); unknown ones are ignored, not refused.
+class GenerationBody(BaseModel):
+    """What /txt2img and /img2img bodies share."""
+
+    # A1111 clients send many more fields (refiner, scripts...); unknown ones are ignored, not refused.
     model_config = ConfigDict(extra="ignore")
 
     prompt: str = ""
@@ -29,7 +31,17 @@ class Txt2ImgBody(BaseModel):
     save_images: bool = False
 
 
-class Img2ImgBody(Txt2ImgBody):
+class Txt2ImgBody(GenerationBody):
+    enable_hr: bool = False
+    hr_scale: float = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = 0
+    hr_resize_x: int = 0
+    hr_resize_y: int = 0
+    denoising_strength: float | None = None
+
+
+class Img2ImgBody(GenerationBody):
     """A1111's /sdapi/v1/img2img body: images as base64 (data: URLs allowed), options by index."""
 
     init_images: list[str] = Field(default_factory=list)

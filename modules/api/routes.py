@@ -26,7 +26,12 @@ OVERRIDES = {
 
 
 def request_from_body(body: api.Txt2ImgBody) -> GenerationRequest:
-    return GenerationRequest(**_common_fields(body))
+    hires = dict(enable_hr=body.enable_hr, hr_scale=body.hr_scale, hr_second_pass_steps=body.hr_second_pass_steps,
+                 hr_resize_x=body.hr_resize_x, hr_resize_y=body.hr_resize_y)
+    # Absent (null) ones keep the request's defaults, as A1111 fills them.
+    hires.update({k: v for k, v in (("hr_upscaler", body.hr_upscaler), ("denoising_strength", body.denoising_strength))
+                  if v is not None})
+    return GenerationRequest(**_common_fields(body), **hires)
 
 
 def img2img_request_from_body(body: api.Img2ImgBody) -> Img2ImgRequest:
@@ -54,7 +59,7 @@ def img2img_request_from_body(body: api.Img2ImgBody) -> Img2ImgRequest:
     return Img2ImgRequest(**_common_fields(body), **fields)
 
 
-def _common_fields(body: api.Txt2ImgBody) -> dict:
+def _common_fields(body: api.GenerationBody) -> dict:
     fields = dict(
         prompt=body.prompt,
         negative_prompt=body.negative_prompt,
@@ -80,7 +85,7 @@ def _common_fields(body: api.Txt2ImgBody) -> dict:
 def create_router(ctx) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1")
 
-    def run(make_request, body: api.Txt2ImgBody, parameters: dict):
+    def run(make_request, body: api.GenerationBody, parameters: dict):
         try:
             request = make_request(body).validate()
         except (RequestError, TypeError) as e:
@@ -102,7 +107,7 @@ def create_router(ctx) -> APIRouter:
             "cfg_scale": result.request.cfg_scale,
             "width": result.request.width,
             "height": result.request.height,
-            "denoising_strength": getattr(result.request, "denoising_strength", None),
+            "denoising_strength": result.request.strength_used,
             "infotexts": result.infotexts,
             "interrupted": result.interrupted,
         }

@@ -75,6 +75,8 @@ class Recipe:
     warmup: int = 200
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
+    # Share of each batch whose timesteps come from the noisier half, where the layout is decided.
+    high_noise_fraction: float = 0.0
 
     def spec(self, scale_factor: float = 1.0) -> ModelSpec:
         return ModelSpec(
@@ -140,7 +142,8 @@ def _atomic_save(obj, path: Path) -> None:
 
 
 class Trainer:
-    def __init__(self, recipe: Recipe, work_dir: Path, device: torch.device, resume: bool, log=print):
+    def __init__(self, recipe: Recipe, work_dir: Path, device: torch.device, resume: bool,
+                 init_from: Path | None = None, log=print):
         self.recipe, self.work_dir, self.device, self.log = recipe, work_dir, device, log
         work_dir.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(recipe.seed)
@@ -151,6 +154,8 @@ class Trainer:
         state_path = work_dir / STATE_FILE
         if resume and state_path.exists():
             self._load_state(state_path)
+        elif init_from is not None:
+            self._init_from(init_from)
         self.images, self.scenes = shapes_dataset.training_examples(
             recipe.images, recipe.seed, size=recipe.resolution, two_shape_fraction=recipe.two_shape_fraction)
 
@@ -175,6 +180,19 @@ class Trainer:
             self.log(f"keeping the trained autoencoder; UNet and text encoder start from the new recipe")
         self.state = state
         self.log(f"resumed from {path}: stage {self.state['stage']}, step {self.state['step']}")
+
+    def _init_from(self, path: Path) -> None:
+        """Start from a trained checkpoint of the same recipe's shapes: its autoencoder is kept
+        (the latents are encoded again) and the UNet and text encoder train on from its weights."""
+        from safetensors.torch import load_file
+
+        weights = load_file(str(path))
+        try:
+            self.model.load_state_dict({k: v.float() for k, v in weights.items()})
+        except RuntimeError as error:
+            raise SystemExit(f"cannot start from {path}: its networks differ from the recipe's ({error})")
+        self.state.update(stage="encode", step=0, initialised_from=path.name)
+        self.log(f"starting from the weights of {path}")
 
     def save(self) -> None:
         _atomic_save({"recipe": dataclasses.asdict(self.recipe), "model": self.model.state_dict(),
@@ -301,7 +319,11 @@ class Trainer:
                         else shapes_dataset.caption(self.scenes[i], rng, drop=r.caption_drop) for i in idx.tolist()]
             z0 = latents["mean"][idx] + latents["std"][idx] * torch.randn(latents["mean"][idx].shape, generator=g)
             z0 = (z0 * scale).to(self.device)
-            t = torch.randint(len(alphas), (r.batch,), generator=g).to(self.device)
+            t = torch.randint(len(alphas), (r.batch,), generator=g)
+            if r.high_noise_fraction:
+                noisier = torch.rand(r.batch, generator=g) < r.high_noise_fraction
+                t = torch.where(noisier, torch.randint(len(alphas) // 2, len(alphas), (r.batch,), generator=g), t)
+            t = t.to(self.device)
             noise = torch.randn(z0.shape, generator=g).to(self.device)
             a = alphas[t].view(-1, 1, 1, 1)
             xt = a.sqrt() * z0 + (1 - a).sqrt() * noise
@@ -352,6 +374,8 @@ class Trainer:
         recipe = dataclasses.asdict(self.recipe)
         trained = {"unet_steps_done": self.state["step"] if self.state["stage"] in ("unet", "done") else 0,
                    "seconds": {k: round(v) for k, v in self.state["seconds"].items()}}
+        if "initialised_from" in self.state:
+            trained["initialised_from"] = self.state["initialised_from"]
         metadata = {
             "resolution": str(self.recipe.resolution),
             "scale_factor": f"{self.state['scale_factor']:.6f}",
@@ -375,6 +399,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", type=Path, default=Path("cache/builtin-model-training"),
                    help="where the resumable training state and cached latents live")
     p.add_argument("--resume", action="store_true", help="continue from the state in --work-dir")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="a built-in model checkpoint to train on from (its autoencoder is kept)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     p.add_argument("--save-every", type=int, default=200, help="steps between saved training states")
@@ -397,7 +423,7 @@ def main(argv: list[str] | None = None) -> Path:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
                           else "cpu" if args.device == "auto" else args.device)
-    trainer = Trainer(recipe, args.work_dir, device, args.resume)
+    trainer = Trainer(recipe, args.work_dir, device, args.resume, args.init_from)
     print(f"device {device}; parameters: " + ", ".join(
         f"{name} {sum(p.numel() for p in m.parameters()) / 1e6:.2f}M" for name, m in (
             ("unet", trainer.model.model.diffusion_model), ("vae", trainer.model.first_stage_model),

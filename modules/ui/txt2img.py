@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import gradio as gr
 
-from modules import pipeline
+from modules import hires, pipeline, upscalers
 from modules.jobs import Job
 from modules.request import GenerationRequest, RequestError
 from modules.sampling.registry import SAMPLERS
 from modules.sampling.schedules import SCHEDULES
 from modules.ui import prompt_tools
 from modules.ui.common import OutputPanel, wire_generation
+
+
+def final_size(width, height, scale, resize_x, resize_y) -> str:
+    """What the hires fix will make, shown under its sliders as A1111 does."""
+    request = GenerationRequest(width=int(width), height=int(height), hr_scale=float(scale),
+                                hr_resize_x=int(resize_x), hr_resize_y=int(resize_y))
+    return "from {}x{} to {}x{}".format(request.width, request.height, *hires.target_size(request))
 
 
 def build(ctx, checkpoint: gr.Dropdown) -> dict:
@@ -42,6 +49,21 @@ def build(ctx, checkpoint: gr.Dropdown) -> dict:
                 seed = gr.Number(value=-1, label="Seed", precision=0, elem_id="txt2img_seed")
                 random_seed = gr.Button("🎲", size="sm", min_width=40, elem_id="txt2img_random_seed")
                 reuse_seed = gr.Button("♻", size="sm", min_width=40, elem_id="txt2img_reuse_seed")
+            with gr.Accordion("Hires. fix", open=False, elem_id="txt2img_hr"):
+                enable_hr = gr.Checkbox(label="Enable", value=defaults.enable_hr, elem_id="txt2img_enable_hr")
+                with gr.Row():
+                    hr_upscaler = gr.Dropdown([m.name for m in upscalers.LATENT_UPSCALE_MODES] + ctx.upscalers.names(),
+                                              value=defaults.hr_upscaler, label="Upscaler", elem_id="txt2img_hr_upscaler")
+                    hr_steps = gr.Slider(0, 150, value=defaults.hr_second_pass_steps, step=1, label="Hires steps (0: as sampling)",
+                                         elem_id="txt2img_hires_steps")
+                    denoising = gr.Slider(0, 1, value=defaults.denoising_strength, step=0.01, label="Denoising strength",
+                                          elem_id="txt2img_denoising_strength")
+                with gr.Row():
+                    hr_scale = gr.Slider(1, 4, value=defaults.hr_scale, step=0.05, label="Upscale by", elem_id="txt2img_hr_scale")
+                    hr_resize_x = gr.Slider(0, 2048, value=0, step=8, label="Resize width to", elem_id="txt2img_hr_resize_x")
+                    hr_resize_y = gr.Slider(0, 2048, value=0, step=8, label="Resize height to", elem_id="txt2img_hr_resize_y")
+                hr_final = gr.Markdown(final_size(defaults.width, defaults.height, defaults.hr_scale, 0, 0),
+                                       elem_id="txt2img_hr_final")
             with gr.Accordion("Advanced", open=False):
                 clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip", elem_id="txt2img_clip_skip")
                 noise_source = gr.Radio(["CPU", "GPU"], value=ctx.settings.noise_source, label="Random number source", elem_id="txt2img_noise_source")
@@ -49,24 +71,39 @@ def build(ctx, checkpoint: gr.Dropdown) -> dict:
         with gr.Column():
             out = OutputPanel.build("txt2img")
 
-    inputs = [prompt, negative, sampler, scheduler, steps, cfg_scale, seed, width, height, batch_count, batch_size, clip_skip, noise_source, checkpoint, styles]
+    inputs = [prompt, negative, sampler, scheduler, steps, cfg_scale, seed, width, height, batch_count, batch_size, clip_skip,
+              noise_source, checkpoint, styles, enable_hr, hr_upscaler, hr_steps, denoising, hr_scale, hr_resize_x, hr_resize_y]
 
-    def run(prompt, negative, sampler, scheduler, steps, cfg_scale, seed, width, height, batch_count, batch_size, clip_skip, noise_source, checkpoint, styles):
+    def make_request(prompt, negative, sampler, scheduler, steps, cfg_scale, seed, width, height, batch_count, batch_size,
+                     clip_skip, noise_source, checkpoint, styles, enable_hr, hr_upscaler, hr_steps, denoising, hr_scale,
+                     hr_resize_x, hr_resize_y) -> GenerationRequest:
+        return GenerationRequest(
+            prompt=prompt, negative_prompt=negative, sampler_name=sampler, scheduler=scheduler,
+            steps=int(steps), cfg_scale=float(cfg_scale), seed=int(seed if seed is not None else -1),
+            width=int(width), height=int(height), batch_count=int(batch_count), batch_size=int(batch_size),
+            clip_skip=int(clip_skip), noise_source=noise_source, checkpoint=checkpoint or None,
+            styles=tuple(styles or ()), enable_hr=bool(enable_hr), hr_upscaler=hr_upscaler,
+            hr_second_pass_steps=int(hr_steps), denoising_strength=float(denoising), hr_scale=float(hr_scale),
+            hr_resize_x=int(hr_resize_x), hr_resize_y=int(hr_resize_y),
+        )
+
+    def run(*values):
         try:
-            request = GenerationRequest(
-                prompt=prompt, negative_prompt=negative, sampler_name=sampler, scheduler=scheduler,
-                steps=int(steps), cfg_scale=float(cfg_scale), seed=int(seed if seed is not None else -1),
-                width=int(width), height=int(height), batch_count=int(batch_count), batch_size=int(batch_size),
-                clip_skip=int(clip_skip), noise_source=noise_source, checkpoint=checkpoint or None,
-                styles=tuple(styles or ()),
-            ).validate()
+            request = make_request(*values).validate()
         except (RequestError, TypeError, ValueError) as e:
             raise gr.Error(str(e))
         yield from out.stream(ctx, Job(description="txt2img"), pipeline.generate, request)
+
+    hr_size_inputs = [width, height, hr_scale, hr_resize_x, hr_resize_y]
+
+    for component in hr_size_inputs:
+        component.change(final_size, inputs=hr_size_inputs, outputs=hr_final, queue=False)
 
     wire_generation(ctx, run, inputs, out, generate=generate, prompt=prompt, interrupt=interrupt, skip=skip,
                     random_seed=random_seed, reuse_seed=reuse_seed, seed=seed)
     # Keyed by GenerationRequest field, so that pasted parameters find their widgets (modules/ui/paste.py).
     return {"width": width, "height": height, "prompt": prompt, "negative_prompt": negative, "sampler_name": sampler,
             "scheduler": scheduler, "steps": steps, "cfg_scale": cfg_scale, "seed": seed, "clip_skip": clip_skip,
-            "noise_source": noise_source, "checkpoint": checkpoint}
+            "noise_source": noise_source, "checkpoint": checkpoint, "enable_hr": enable_hr, "hr_upscaler": hr_upscaler,
+            "hr_second_pass_steps": hr_steps, "denoising_strength": denoising, "hr_scale": hr_scale,
+            "hr_resize_x": hr_resize_x, "hr_resize_y": hr_resize_y}
