@@ -65,11 +65,11 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
             with gr.Tab("txt2img", id="txt2img"):
                 fields = txt2img_tab.build(ctx, checkpoint)
             with gr.Tab("img2img", id="img2img"):
-                img2img_target = img2img_tab.build(ctx, checkpoint)
+                img2img_target, inpaint_target = img2img_tab.build(ctx, checkpoint)
             with gr.Tab("Extras", id="extras"):
                 extras_target = extras_tab.build(ctx)
             with gr.Tab("PNG Info", id="pnginfo"):
-                png_info_tab.build(ctx, [PasteTarget("txt2img", "txt2img", fields), img2img_target, extras_target], tabs)
+                png_info_tab.build(ctx, [PasteTarget("txt2img", "txt2img", fields), img2img_target, inpaint_target, extras_target], tabs)
             with gr.Tab("Checkpoint Merger", id="modelmerger"):
                 merger_tab.build(ctx, checkpoint)
             with gr.Tab("Train", id="train"):

@@ -107,3 +107,44 @@ def test_png_info_sends_the_picture_and_its_parameters_to_img2img(page, tmp_path
     page.locator("#img2img_infotext").get_by_text("Seed: 77,").wait_for(timeout=60_000)
     infotext = page.locator("#img2img_infotext").inner_text()
     assert "Steps: 9, Sampler: Euler" in infotext and "Denoising strength: 0.35" in infotext
+
+
+def test_png_info_sends_the_picture_to_inpaint(page, live_server, tmp_path):
+    from playwright.sync_api import expect
+
+    from modules import storage
+
+    text = "a green square\nSteps: 4, Sampler: Euler, CFG scale: 6, Seed: 78, Size: 128x128, Model: tiny"
+    picture = Image.new("RGB", (SIZE, SIZE), (30, 60, 200))
+    (tmp_path / "made.png").write_bytes(storage.png_bytes(picture, text))
+    # A page of its own, so that its inpaint editor starts empty: the editor enables its Pan
+    # button once a picture is in, the sign that painting now lands on that picture.
+    context = page.context.browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    page.goto(live_server, wait_until="load")
+    page.get_by_role("tab", name="PNG Info").click()
+    page.locator("#pnginfo_image input[type=file]").set_input_files(tmp_path / "made.png")
+    page.locator("#pnginfo_html").get_by_text("Seed: 78").wait_for(timeout=20_000)
+    page.locator("#send_to_inpaint").click()
+
+    editor = page.locator("#img2img_inpaint_editor")
+    expect(editor.locator("button[aria-label=Pan]")).to_be_enabled(timeout=30_000)
+    expect(page.locator("#img2img_inpainting_fill")).to_be_visible()  # the inpainting options come with it
+    page.wait_for_function("document.querySelector('#img2img_seed input').value === '78'", timeout=10_000)
+    box = editor.locator("canvas").first.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x - 60, y)
+    page.mouse.down()
+    page.mouse.move(x + 60, y, steps=4)
+    page.mouse.up()
+
+    page.locator("#img2img_generate").click()
+    image = page.locator("#img2img_gallery img").first
+    outcome = image.or_(page.locator(".toast-body")).first
+    outcome.wait_for(timeout=60_000)
+    assert image.is_visible(), outcome.inner_text()
+    result = Image.open(io.BytesIO(page.request.get(image.get_attribute("src")).body()))
+    assert result.size == (SIZE, SIZE) and "Mask blur: 4" in result.info["parameters"]
+    changed = np.abs(np.asarray(result.convert("RGB"), dtype=int) - np.asarray(picture, dtype=int)).sum(-1) > 0
+    assert changed[SIZE // 2].any() and not changed[:8].any()  # the stroke redrawn, the top row kept
+    context.close()

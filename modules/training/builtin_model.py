@@ -77,6 +77,9 @@ class Recipe:
     min_snr_gamma: float = 5.0
     # Share of each batch whose timesteps come from the noisier half, where the layout is decided.
     high_noise_fraction: float = 0.0
+    # At the noisiest timesteps the eps loss hardly changes with where a shape is drawn; weighting
+    # them as an x0 loss (1 / SNR), up to this factor, makes the layout count (0: off).
+    x0_weight_cap: float = 0.0
 
     def spec(self, scale_factor: float = 1.0) -> ModelSpec:
         return ModelSpec(
@@ -332,6 +335,8 @@ class Trainer:
             # Min-SNR weighting: the high-noise steps, which decide what is drawn where, count fully.
             snr = a.flatten() / (1 - a.flatten())
             weight = snr.clamp(max=r.min_snr_gamma) / snr
+            if r.x0_weight_cap:
+                weight = torch.maximum(weight, (1 / snr).clamp(max=r.x0_weight_cap))
             loss = (weight * (eps - noise).pow(2).mean(dim=(1, 2, 3))).mean()
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, r.lr, r.warmup)

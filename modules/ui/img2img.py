@@ -42,7 +42,8 @@ def size_of(image: Image.Image | None) -> tuple:
     return tuple(min(high, max(low, round(side / 8) * 8)) for side in image.size)
 
 
-def build(ctx, checkpoint: gr.Dropdown) -> PasteTarget:
+def build(ctx, checkpoint: gr.Dropdown) -> tuple[PasteTarget, PasteTarget]:
+    """The tab; returns where pasted parameters and pictures land: img2img, and inpaint."""
     defaults = Img2ImgRequest()
     source = gr.State(0)
     with gr.Row():
@@ -193,7 +194,12 @@ def build(ctx, checkpoint: gr.Dropdown) -> PasteTarget:
               "clip_skip": clip_skip, "noise_source": noise_source, "checkpoint": checkpoint,
               "denoising_strength": denoising, "mask_blur": mask_blur, "inpaint_full_res_padding": padding,
               "inpainting_mask_weight": mask_weight}
-    return PasteTarget(
-        tab_id="img2img", label="img2img", fields=fields, image=image,
-        image_updates={sources: gr.update(selected="img2img_tab_img2img"), source: 0, inpaint_options: gr.update(visible=False)},
+    return (
+        PasteTarget(tab_id="img2img", label="img2img", fields=fields, image=image,
+                    image_updates={sources: gr.update(selected="img2img_tab_img2img"), source: 0,
+                                   inpaint_options: gr.update(visible=False)}),
+        # "Send to inpaint": the same fields, the picture into the brush editor, ready to paint on.
+        PasteTarget(tab_id="img2img", label="inpaint", fields=fields, image=editor,
+                    image_updates={sources: gr.update(selected="img2img_tab_inpaint"), source: 1,
+                                   inpaint_options: gr.update(visible=True)}),
     )

@@ -18,7 +18,7 @@ from modules import metadata
 @dataclass
 class PasteTarget:
     tab_id: str  # the id of the tab in the main gr.Tabs
-    label: str  # as on the button: "Send to <label>"
+    label: str  # as on the button: "Send to <label>"; unique among the targets
     fields: dict[str, gr.components.Component] = field(default_factory=dict)  # request field -> component
     image: gr.components.Component | None = None  # receives the picture itself, where the tab takes one
     # Further updates when a picture arrives, e.g. selecting the tab's single-image input.
@@ -50,7 +50,7 @@ def send_button(ctx, target: PasteTarget, tabs: gr.Tabs, infotext: gr.components
                 image: gr.components.Component | None = None) -> gr.Button:
     """A "Send to <tab>" button: fills the target's fields from `infotext`'s value, hands over
     `image`'s value where the target takes a picture, and switches to the target's tab."""
-    button = gr.Button(f"Send to {target.label}", elem_id=f"send_to_{target.tab_id}", size="sm")
+    button = gr.Button(f"Send to {target.label}", elem_id=f"send_to_{target.label}", size="sm")
     field_components = list(target.fields.values())
     takes_image = target.image is not None and image is not None
     outputs = [*field_components, *([target.image] if takes_image else []), tabs]
