@@ -8,12 +8,15 @@ sampler, schedule and CFG scale of a GenerationRequest, 20 steps, empty negative
 image at a time), then read back from its pixels: background colour, shape colour, shape type,
 position and size. Prints the percentage right for each and the seconds per image, text
 encoding and VAE decode included. `--autoencoder` scores the same pictures after a round trip
-through the model's VAE alone, to tell drawing errors from autoencoder losses.
+through the model's VAE alone, to tell drawing errors from autoencoder losses; `--text-use`
+shows which caption words the UNet follows at all (see text_use).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import random
 import sys
 import time
 from pathlib import Path
@@ -85,6 +88,54 @@ def evaluate(sd_model, n: int, seed: int = 1234, steps: int = 20, request: Gener
     return score(pictures, scenes), seconds, prompts, np.stack(pictures)
 
 
+# Caption words the model should follow, and where each lives in a Scene.
+SWAPPABLE = {
+    "background": (tuple(shapes_dataset.COLOURS), lambda scene, v: dataclasses.replace(scene, background=v)),
+    "colour": (tuple(shapes_dataset.COLOURS), lambda scene, v: _with_shape(scene, colour=v)),
+    "shape": (shapes_dataset.SHAPES, lambda scene, v: _with_shape(scene, shape=v)),
+    "position": (tuple(shapes_dataset.POSITIONS), lambda scene, v: _with_shape(scene, position=v)),
+    "size": (tuple(shapes_dataset.SIZES), lambda scene, v: _with_shape(scene, size=v)),
+}
+
+
+def _with_shape(scene, **changes):
+    return dataclasses.replace(scene, shapes=(dataclasses.replace(scene.shapes[0], **changes),))
+
+
+@torch.no_grad()
+def text_use(sd_model, n: int = 64, seed: int = 5, timesteps=(300, 600, 900)) -> dict[str, dict[int, float]]:
+    """How much the UNet's noise-prediction loss on true pictures grows when the caption names
+    another value of one attribute: {attribute: {timestep: wrong-caption loss / right-caption
+    loss}}. About 1.0 means the model does not use that attribute's words."""
+    from modules.training.builtin_model import caption_tokens
+
+    rng = random.Random(seed)
+    scenes = shapes_dataset.held_out_scenes(n, seed)
+    pictures = np.stack([shapes_dataset.render(s, sd_model.spec.resolution) for s in scenes])
+    x = torch.from_numpy(pictures).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    latents = sd_model.encode_first_stage(x)
+    alphas = sd_model.alphas_cumprod.float()
+
+    def loss(captions, xt, t, noise):
+        eps = sd_model.apply_model(xt, t, sd_model.encode_text(caption_tokens(captions)))
+        return (eps.float() - noise).pow(2).mean().item()
+
+    right = [shapes_dataset.caption(s) for s in scenes]
+    ratios: dict[str, dict[int, float]] = {}
+    for attribute, (values, swap) in SWAPPABLE.items():
+        current = [shapes_dataset.scene_attributes(s)[attribute] for s in scenes]
+        wrong = [shapes_dataset.caption(swap(s, rng.choice([v for v in values if v != c])))
+                 for s, c in zip(scenes, current)]
+        ratios[attribute] = {}
+        for step in timesteps:
+            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(step))
+            a = alphas[step]
+            xt = a.sqrt() * latents + (1 - a).sqrt() * noise
+            t = torch.full((n,), step)
+            ratios[attribute][step] = loss(wrong, xt, t, noise) / loss(right, xt, t, noise)
+    return ratios
+
+
 def save_grid(pictures: np.ndarray, path: Path, columns: int = 10) -> None:
     from PIL import Image
 
@@ -111,6 +162,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--autoencoder", action="store_true", help="also score VAE round trips of true pictures")
     p.add_argument("--grid", type=Path, help="save the generated pictures as one PNG grid here")
+    p.add_argument("--text-use", action="store_true",
+                   help="also print how much the loss grows when the caption names a wrong attribute value")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -126,6 +179,10 @@ def main(argv: list[str] | None = None) -> None:
         scenes = shapes_dataset.held_out_scenes(args.n, args.seed)
         truth = np.stack([shapes_dataset.render(s, sd_model.spec.resolution) for s in scenes])
         _report("autoencoder round trip", score(autoencode(sd_model, truth), scenes))
+    if args.text_use:
+        for attribute, by_step in text_use(sd_model).items():
+            print(f"loss with a wrong {attribute} / right caption: "
+                  + ", ".join(f"t={t} {ratio:.3f}" for t, ratio in by_step.items()))
     scores, seconds, prompts, pictures = evaluate(sd_model, args.n, args.seed, args.steps, request)
     _report("generated", scores)
     print(f"{seconds:.3f} s per image (text encoding, sampling and VAE decode)")

@@ -31,6 +31,17 @@ def page(live_server):
         browser.close()
 
 
+def paint_across(page, editor, reach: int) -> None:
+    """A horizontal stroke through the middle, `reach` screen pixels each way: the picture sits
+    centred in the editor's canvas."""
+    box = editor.locator("canvas").first.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x - reach, y)
+    page.mouse.down()
+    page.mouse.move(x + reach, y, steps=4)
+    page.mouse.up()
+
+
 def test_painted_stroke_is_redrawn_and_nothing_else(page, tmp_path):
     from playwright.sync_api import expect
 
@@ -53,13 +64,7 @@ def test_painted_stroke_is_redrawn_and_nothing_else(page, tmp_path):
     # painting before that could land on a canvas about to be replaced.
     expect(page.locator("#img2img_width input[type=number]")).to_have_value(str(SIZE), timeout=60_000)
 
-    # A horizontal stroke through the middle: the picture sits centred in the canvas.
-    box = editor.locator("canvas").first.bounding_box()
-    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    page.mouse.move(x - 100, y)
-    page.mouse.down()
-    page.mouse.move(x + 100, y, steps=4)
-    page.mouse.up()
+    paint_across(page, editor, 100)
 
     page.locator("#img2img_prompt textarea").fill("a large green square")
     steps = page.locator("#img2img_steps input[type=number]")
@@ -131,12 +136,7 @@ def test_png_info_sends_the_picture_to_inpaint(page, live_server, tmp_path):
     expect(editor.locator("button[aria-label=Pan]")).to_be_enabled(timeout=30_000)
     expect(page.locator("#img2img_inpainting_fill")).to_be_visible()  # the inpainting options come with it
     page.wait_for_function("document.querySelector('#img2img_seed input').value === '78'", timeout=10_000)
-    box = editor.locator("canvas").first.bounding_box()
-    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
-    page.mouse.move(x - 60, y)
-    page.mouse.down()
-    page.mouse.move(x + 60, y, steps=4)
-    page.mouse.up()
+    paint_across(page, editor, 60)
 
     page.locator("#img2img_generate").click()
     image = page.locator("#img2img_gallery img").first

@@ -99,7 +99,7 @@ def test_resume_refuses_a_different_recipe(tmp_path):
 
 def test_training_on_from_a_checkpoint_keeps_its_autoencoder(trained, tmp_path):
     start = load_checkpoint(trained).state_dict()
-    out = _train(tmp_path, "on", 2, "--init-from", str(trained), "--high-noise-fraction", "0.5", "--x0-weight-cap", "20")
+    out = _train(tmp_path, "on", 2, "--init-from", str(trained))
     tuned = load_checkpoint(out).state_dict()
     vae = [k for k in start if k.startswith("first_stage_model.")]
     assert vae and all(torch.equal(start[k], tuned[k]) for k in vae)
@@ -158,3 +158,11 @@ def test_prompt_editing_switches_the_colour_the_shipped_model_draws():
     for seed in (0, 1):
         assert drawn("[red:blue:0.25]", seed) == ("white", "blue")
         assert drawn("[red:blue:0.75]", seed) == ("white", "red")
+
+
+def test_text_use_tells_followed_words_from_ignored_ones():
+    model = builtin_model_eval.load_model(SHIPPED)
+    ratios = builtin_model_eval.text_use(model, n=16)
+    assert set(ratios) == set(builtin_model_eval.SWAPPABLE) and all(set(r) == {300, 600, 900} for r in ratios.values())
+    # The shipped model follows colour words: naming the wrong colour makes its noise prediction worse.
+    assert ratios["colour"][600] > 1.5 and ratios["background"][600] > 1.5

@@ -2,7 +2,8 @@
 
     python -m modules.training.builtin_model --out models/Stable-diffusion/builtin-shapes.safetensors
 
-Three stages, each resumable (`--resume` continues from the last saved state in --work-dir):
+Three stages, each resumable (`--resume` continues from the last saved state in --work-dir;
+`--init-from FILE` starts at stage 2 with the weights of an earlier output of the same recipe):
 1. the KL autoencoder, on reconstruction (L1 + L2) and a small KL term;
 2. encoding every training picture once (the UNet stage then reads cached latent posteriors);
 3. the UNet and the CLIP text encoder together, end to end through the diffusion loss (SD's
@@ -75,11 +76,6 @@ class Recipe:
     warmup: int = 200
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
-    # Share of each batch whose timesteps come from the noisier half, where the layout is decided.
-    high_noise_fraction: float = 0.0
-    # At the noisiest timesteps the eps loss hardly changes with where a shape is drawn; weighting
-    # them as an x0 loss (1 / SNR), up to this factor, makes the layout count (0: off).
-    x0_weight_cap: float = 0.0
 
     def spec(self, scale_factor: float = 1.0) -> ModelSpec:
         return ModelSpec(
@@ -322,11 +318,7 @@ class Trainer:
                         else shapes_dataset.caption(self.scenes[i], rng, drop=r.caption_drop) for i in idx.tolist()]
             z0 = latents["mean"][idx] + latents["std"][idx] * torch.randn(latents["mean"][idx].shape, generator=g)
             z0 = (z0 * scale).to(self.device)
-            t = torch.randint(len(alphas), (r.batch,), generator=g)
-            if r.high_noise_fraction:
-                noisier = torch.rand(r.batch, generator=g) < r.high_noise_fraction
-                t = torch.where(noisier, torch.randint(len(alphas) // 2, len(alphas), (r.batch,), generator=g), t)
-            t = t.to(self.device)
+            t = torch.randint(len(alphas), (r.batch,), generator=g).to(self.device)
             noise = torch.randn(z0.shape, generator=g).to(self.device)
             a = alphas[t].view(-1, 1, 1, 1)
             xt = a.sqrt() * z0 + (1 - a).sqrt() * noise
@@ -335,8 +327,6 @@ class Trainer:
             # Min-SNR weighting: the high-noise steps, which decide what is drawn where, count fully.
             snr = a.flatten() / (1 - a.flatten())
             weight = snr.clamp(max=r.min_snr_gamma) / snr
-            if r.x0_weight_cap:
-                weight = torch.maximum(weight, (1 / snr).clamp(max=r.x0_weight_cap))
             loss = (weight * (eps - noise).pow(2).mean(dim=(1, 2, 3))).mean()
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, r.lr, r.warmup)
