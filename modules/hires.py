@@ -15,7 +15,7 @@ import torch
 
 from modules import img2img, upscalers
 from modules.request import GenerationRequest
-from modules.sampling.schedules import img2img_start
+from modules.sampling.schedules import img2img_steps
 
 MAX_SCALE = 8.0
 # Sizes are kept to multiples of this, as every size the UI and API accept.
@@ -43,16 +43,20 @@ def target_size(request: GenerationRequest) -> tuple[int, int]:
     return request.hr_resize_x or width, request.hr_resize_y or height
 
 
+def schedule_steps(request: GenerationRequest) -> int:
+    """The steps of the second pass's schedule, of which img2img's rule samples the last ones."""
+    return request.hr_second_pass_steps or request.steps
+
+
 def second_pass_request(request: GenerationRequest) -> GenerationRequest:
     """The second pass as a request of its own: the target size and the hires steps."""
     width, height = target_size(request)
-    return request.replace(width=width, height=height, steps=request.hr_second_pass_steps or request.steps, enable_hr=False)
+    return request.replace(width=width, height=height, steps=schedule_steps(request), enable_hr=False)
 
 
 def sampling_steps(request: GenerationRequest) -> int:
     """The steps the second pass samples (img2img's rule)."""
-    steps = request.hr_second_pass_steps or request.steps
-    return steps - img2img_start(steps, request.denoising_strength)
+    return img2img_steps(schedule_steps(request), request.denoising_strength)
 
 
 def check_upscaler(request: GenerationRequest, available: upscalers.Upscalers) -> None:

@@ -41,8 +41,6 @@ FORMATS = ("safetensors", "ckpt")
 SKIP_ON_MERGE = {"cond_stage_model.transformer.text_model.embeddings.position_ids"}
 # File metadata that says how to run the model (see modules/models/detect.py); the result keeps A's.
 CARRIED_METADATA = ("resolution", "prediction", "scale_factor")
-VAE_PREFIX = "first_stage_model."
-INPUT_CONV = "model.diffusion_model.input_blocks.0.0.weight"
 LATENT_CHANNELS = 4
 MAX_NAME_BYTES = 200
 

@@ -22,7 +22,7 @@ from modules.request import GenerationRequest, Img2ImgRequest
 from modules.sampling.denoiser import CFGDenoiser, model_denoiser
 from modules.sampling.noise import image_noise
 from modules.sampling.registry import find_sampler, run_sampler
-from modules.sampling.schedules import get_sigmas, img2img_start
+from modules.sampling.schedules import get_sigmas, img2img_start, img2img_steps
 
 
 @dataclass
@@ -50,7 +50,7 @@ def sampling_steps(request: GenerationRequest) -> int:
     """How many steps sampling one batch takes: fewer than `steps` for img2img (A1111's rule),
     more with the hires fix's second pass."""
     if isinstance(request, Img2ImgRequest):
-        return request.steps - img2img_start(request.steps, request.denoising_strength)
+        return img2img_steps(request.steps, request.denoising_strength)
     return request.steps + (hires.sampling_steps(request) if request.enable_hr else 0)
 
 

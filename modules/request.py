@@ -16,7 +16,7 @@ from modules import img2img
 from modules.extra_networks import parse_extra_networks
 from modules.prompt_parser import PromptError, validate_prompt
 from modules.sampling.registry import find_sampler
-from modules.sampling.schedules import find_schedule, img2img_start
+from modules.sampling.schedules import find_schedule, img2img_steps
 
 MAX_SEED = 2**32 - 1
 MAX_SIDE = 4096
@@ -125,7 +125,7 @@ class GenerationRequest:
     def _hires_problems(self) -> list[str]:
         from modules import hires
 
-        problems = strength_problems(self.denoising_strength, self.hr_second_pass_steps or self.steps, self.sampler_name)
+        problems = strength_problems(self.denoising_strength, hires.schedule_steps(self), self.sampler_name)
         if not isinstance(self.hr_upscaler, str) or not self.hr_upscaler:
             problems.append(f"hr_upscaler must be the name of an upscaler, got {self.hr_upscaler!r}")
         scale = self.hr_scale
@@ -142,7 +142,7 @@ class GenerationRequest:
                 problems.append(f"{field} must be a multiple of 8, got {value}")
         if not problems:
             width, height = hires.target_size(self)
-            if max(width, height) > MAX_SIDE or min(width, height) < min(self.width, self.height, 64):
+            if max(width, height) > MAX_SIDE or min(width, height) < 64:
                 problems.append(f"the hires fix would make {width}x{height} pictures; each side must be from "
                                 f"64 to {MAX_SIDE}")
         return problems
@@ -164,7 +164,7 @@ def strength_problems(strength, steps, sampler_name) -> list[str]:
     if strength > 0 and isinstance(steps, int) and not isinstance(steps, bool) and 1 <= steps <= MAX_STEPS:
         with contextlib.suppress(ValueError):
             sampler = find_sampler(sampler_name)
-            if sampler.own_levels and steps - img2img_start(steps, strength) < 2:
+            if sampler.own_levels and img2img_steps(steps, strength) < 2:
                 return [f"{sampler.name} needs at least 2 noise levels, but denoising strength {strength} of "
                         f"{steps} steps leaves 1; raise the strength or the steps, or pick another sampler"]
     return []

@@ -120,7 +120,7 @@ def test_inpainting_a_merges_the_first_four_input_channels(ctx, states):
     inpaint = state(4, unet={"in_channels": 9})
     save_file(inpaint, ctx.paths.checkpoints / "inpaint.safetensors", metadata={"resolution": "64"})
     out, meta = merged(ctx, primary="inpaint", interpolation="Add difference", name="mix")
-    key = merger.INPUT_CONV
+    key = "model.diffusion_model.input_blocks.0.0.weight"  # the UNet input conv, 9 channels in an inpainting model
     b, c = states["b"][key], states["c"][key]
     torch.testing.assert_close(out[key][:, :4], inpaint[key][:, :4] + M * (b - c), rtol=0, atol=1e-6)
     assert torch.equal(out[key][:, 4:], inpaint[key][:, 4:])

@@ -113,3 +113,8 @@ def img2img_start(steps: int, strength: float) -> int:
         return steps
     t_enc = int(min(float(strength), 0.999) * steps)
     return steps - t_enc - 1
+
+
+def img2img_steps(steps: int, strength: float) -> int:
+    """How many steps img2img samples of a `steps`-step schedule at `strength` (see img2img_start)."""
+    return steps - img2img_start(steps, strength)

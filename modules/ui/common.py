@@ -5,6 +5,7 @@ from __future__ import annotations
 import html
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import gradio as gr
@@ -108,14 +109,57 @@ class OutputPanel:
                 return result
 
 
-def wire_generation(ctx, run, inputs: list, out: OutputPanel, *, generate: gr.Button, prompt: gr.Textbox,
-                    interrupt: gr.Button, skip: gr.Button, random_seed: gr.Button, reuse_seed: gr.Button,
-                    seed: gr.Number) -> None:
+@dataclass
+class PromptArea:
+    """The top of a generating tab: prompt and negative prompt, with whatever `under_prompts`
+    builds below them (its result is `extra`), and the Generate, Interrupt and Skip buttons."""
+
+    prompt: gr.Textbox
+    negative: gr.Textbox
+    extra: object
+    generate: gr.Button
+    interrupt: gr.Button
+    skip: gr.Button
+
+    @classmethod
+    def build(cls, prefix: str, under_prompts: Callable[[gr.Textbox, gr.Textbox], object] | None = None) -> "PromptArea":
+        with gr.Row():
+            with gr.Column(scale=4):
+                prompt = gr.Textbox(label="Prompt", lines=3, elem_id=f"{prefix}_prompt",
+                                    placeholder="Prompt (press Ctrl+Enter to generate)")
+                negative = gr.Textbox(label="Negative prompt", lines=2, elem_id=f"{prefix}_neg_prompt")
+                extra = under_prompts(prompt, negative) if under_prompts else None
+            with gr.Column(scale=1, min_width=160):
+                generate = gr.Button("Generate", variant="primary", elem_id=f"{prefix}_generate")
+                with gr.Row():
+                    interrupt = gr.Button("Interrupt", elem_id=f"{prefix}_interrupt", size="sm")
+                    skip = gr.Button("Skip", elem_id=f"{prefix}_skip", size="sm")
+        return cls(prompt, negative, extra, generate, interrupt, skip)
+
+
+@dataclass
+class SeedRow:
+    """The seed, with the dice (random: -1) and recycle (the last picture's seed) buttons."""
+
+    seed: gr.Number
+    random_seed: gr.Button
+    reuse_seed: gr.Button
+
+    @classmethod
+    def build(cls, prefix: str) -> "SeedRow":
+        with gr.Row():
+            seed = gr.Number(value=-1, label="Seed", precision=0, elem_id=f"{prefix}_seed")
+            random_seed = gr.Button("🎲", size="sm", min_width=40, elem_id=f"{prefix}_random_seed")
+            reuse_seed = gr.Button("♻", size="sm", min_width=40, elem_id=f"{prefix}_reuse_seed")
+        return cls(seed, random_seed, reuse_seed)
+
+
+def wire_generation(ctx, run, inputs: list, out: OutputPanel, area: PromptArea, seed: SeedRow) -> None:
     """The buttons every generating tab has: Generate (and Enter in the prompt) runs `run`,
     Interrupt and Skip reach the running job, the dice and recycle buttons set the seed."""
-    generate.click(run, inputs=inputs, outputs=out.components, concurrency_limit=None)
-    prompt.submit(run, inputs=inputs, outputs=out.components, concurrency_limit=None)
-    interrupt.click(lambda: ctx.jobs.interrupt(), queue=False)
-    skip.click(lambda: ctx.jobs.skip(), queue=False)
-    random_seed.click(lambda: -1, outputs=seed, queue=False)
-    reuse_seed.click(lambda s: s, inputs=out.last_seed, outputs=seed, queue=False)
+    area.generate.click(run, inputs=inputs, outputs=out.components, concurrency_limit=None)
+    area.prompt.submit(run, inputs=inputs, outputs=out.components, concurrency_limit=None)
+    area.interrupt.click(lambda: ctx.jobs.interrupt(), queue=False)
+    area.skip.click(lambda: ctx.jobs.skip(), queue=False)
+    seed.random_seed.click(lambda: -1, outputs=seed.seed, queue=False)
+    seed.reuse_seed.click(lambda s: s, inputs=out.last_seed, outputs=seed.seed, queue=False)

@@ -12,7 +12,7 @@ from modules.jobs import Job
 from modules.request import Img2ImgRequest, RequestError
 from modules.sampling.registry import SAMPLERS
 from modules.sampling.schedules import SCHEDULES
-from modules.ui.common import OutputPanel, wire_generation
+from modules.ui.common import OutputPanel, PromptArea, SeedRow, wire_generation
 from modules.ui.paste import PasteTarget
 
 # The source tabs, in order: the index is what the tab's select event stores.
@@ -46,15 +46,8 @@ def build(ctx, checkpoint: gr.Dropdown) -> tuple[PasteTarget, PasteTarget]:
     """The tab; returns where pasted parameters and pictures land: img2img, and inpaint."""
     defaults = Img2ImgRequest()
     source = gr.State(0)
-    with gr.Row():
-        with gr.Column(scale=4):
-            prompt = gr.Textbox(label="Prompt", lines=3, elem_id="img2img_prompt", placeholder="Prompt (press Ctrl+Enter to generate)")
-            negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="img2img_neg_prompt")
-        with gr.Column(scale=1, min_width=160):
-            generate = gr.Button("Generate", variant="primary", elem_id="img2img_generate")
-            with gr.Row():
-                interrupt = gr.Button("Interrupt", elem_id="img2img_interrupt", size="sm")
-                skip = gr.Button("Skip", elem_id="img2img_skip", size="sm")
+    area = PromptArea.build("img2img")
+    prompt, negative = area.prompt, area.negative
     with gr.Row():
         with gr.Column():
             with gr.Tabs(elem_id="img2img_sources") as sources:
@@ -104,10 +97,8 @@ def build(ctx, checkpoint: gr.Dropdown) -> tuple[PasteTarget, PasteTarget]:
             cfg_scale = gr.Slider(1, 30, value=defaults.cfg_scale, step=0.5, label="CFG Scale", elem_id="img2img_cfg_scale")
             denoising = gr.Slider(0, 1, value=defaults.denoising_strength, step=0.01, label="Denoising strength",
                                   elem_id="img2img_denoising_strength")
-            with gr.Row():
-                seed = gr.Number(value=-1, label="Seed", precision=0, elem_id="img2img_seed")
-                random_seed = gr.Button("🎲", size="sm", min_width=40, elem_id="img2img_random_seed")
-                reuse_seed = gr.Button("♻", size="sm", min_width=40, elem_id="img2img_reuse_seed")
+            seed_row = SeedRow.build("img2img")
+            seed = seed_row.seed
             with gr.Accordion("Advanced", open=False):
                 clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip", elem_id="img2img_clip_skip")
                 noise_source = gr.Radio(["CPU", "GPU"], value=ctx.settings.noise_source, label="Random number source", elem_id="img2img_noise_source")
@@ -173,8 +164,7 @@ def build(ctx, checkpoint: gr.Dropdown) -> tuple[PasteTarget, PasteTarget]:
         else:
             yield from out.stream(ctx, Job(description="img2img"), pipeline.generate, request)
 
-    wire_generation(ctx, run, inputs, out, generate=generate, prompt=prompt, interrupt=interrupt, skip=skip,
-                    random_seed=random_seed, reuse_seed=reuse_seed, seed=seed)
+    wire_generation(ctx, run, inputs, out, area, seed_row)
 
     def chosen(index: int):
         return lambda: (index, gr.update(visible=index in INPAINTING_SOURCES))

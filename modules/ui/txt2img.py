@@ -10,7 +10,7 @@ from modules.request import GenerationRequest, RequestError
 from modules.sampling.registry import SAMPLERS
 from modules.sampling.schedules import SCHEDULES
 from modules.ui import prompt_tools
-from modules.ui.common import OutputPanel, wire_generation
+from modules.ui.common import OutputPanel, PromptArea, SeedRow, wire_generation
 
 
 def final_size(width, height, scale, resize_x, resize_y) -> str:
@@ -22,16 +22,8 @@ def final_size(width, height, scale, resize_x, resize_y) -> str:
 
 def build(ctx, checkpoint: gr.Dropdown) -> dict:
     defaults = GenerationRequest()
-    with gr.Row():
-        with gr.Column(scale=4):
-            prompt = gr.Textbox(label="Prompt", lines=3, elem_id="txt2img_prompt", placeholder="Prompt (press Ctrl+Enter to generate)")
-            negative = gr.Textbox(label="Negative prompt", lines=2, elem_id="txt2img_neg_prompt")
-            styles = prompt_tools.build_styles(ctx, prompt, negative, "txt2img")
-        with gr.Column(scale=1, min_width=160):
-            generate = gr.Button("Generate", variant="primary", elem_id="txt2img_generate")
-            with gr.Row():
-                interrupt = gr.Button("Interrupt", elem_id="txt2img_interrupt", size="sm")
-                skip = gr.Button("Skip", elem_id="txt2img_skip", size="sm")
+    area = PromptArea.build("txt2img", lambda prompt, negative: prompt_tools.build_styles(ctx, prompt, negative, "txt2img"))
+    prompt, negative, styles = area.prompt, area.negative, area.extra
     with gr.Row():
         with gr.Column():
             with gr.Row():
@@ -45,10 +37,8 @@ def build(ctx, checkpoint: gr.Dropdown) -> dict:
                 batch_count = gr.Slider(1, 100, value=1, step=1, label="Batch count", elem_id="txt2img_batch_count")
                 batch_size = gr.Slider(1, 8, value=1, step=1, label="Batch size", elem_id="txt2img_batch_size")
             cfg_scale = gr.Slider(1, 30, value=defaults.cfg_scale, step=0.5, label="CFG Scale", elem_id="txt2img_cfg_scale")
-            with gr.Row():
-                seed = gr.Number(value=-1, label="Seed", precision=0, elem_id="txt2img_seed")
-                random_seed = gr.Button("🎲", size="sm", min_width=40, elem_id="txt2img_random_seed")
-                reuse_seed = gr.Button("♻", size="sm", min_width=40, elem_id="txt2img_reuse_seed")
+            seed_row = SeedRow.build("txt2img")
+            seed = seed_row.seed
             with gr.Accordion("Hires. fix", open=False, elem_id="txt2img_hr"):
                 enable_hr = gr.Checkbox(label="Enable", value=defaults.enable_hr, elem_id="txt2img_enable_hr")
                 with gr.Row():
@@ -99,8 +89,7 @@ def build(ctx, checkpoint: gr.Dropdown) -> dict:
     for component in hr_size_inputs:
         component.change(final_size, inputs=hr_size_inputs, outputs=hr_final, queue=False)
 
-    wire_generation(ctx, run, inputs, out, generate=generate, prompt=prompt, interrupt=interrupt, skip=skip,
-                    random_seed=random_seed, reuse_seed=reuse_seed, seed=seed)
+    wire_generation(ctx, run, inputs, out, area, seed_row)
     # Keyed by GenerationRequest field, so that pasted parameters find their widgets (modules/ui/paste.py).
     return {"width": width, "height": height, "prompt": prompt, "negative_prompt": negative, "sampler_name": sampler,
             "scheduler": scheduler, "steps": steps, "cfg_scale": cfg_scale, "seed": seed, "clip_skip": clip_skip,
