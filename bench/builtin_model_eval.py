@@ -120,19 +120,21 @@ def text_use(sd_model, n: int = 64, seed: int = 5, timesteps=(300, 600, 900)) ->
         eps = sd_model.apply_model(xt, t, sd_model.encode_text(caption_tokens(captions)))
         return (eps.float() - noise).pow(2).mean().item()
 
-    right = [shapes_dataset.caption(s) for s in scenes]
-    ratios: dict[str, dict[int, float]] = {}
+    wrong = {}
     for attribute, (values, swap) in SWAPPABLE.items():
         current = [shapes_dataset.scene_attributes(s)[attribute] for s in scenes]
-        wrong = [shapes_dataset.caption(swap(s, rng.choice([v for v in values if v != c])))
-                 for s, c in zip(scenes, current)]
-        ratios[attribute] = {}
-        for step in timesteps:
-            noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(step))
-            a = alphas[step]
-            xt = a.sqrt() * latents + (1 - a).sqrt() * noise
-            t = torch.full((n,), step)
-            ratios[attribute][step] = loss(wrong, xt, t, noise) / loss(right, xt, t, noise)
+        wrong[attribute] = [shapes_dataset.caption(swap(s, rng.choice([v for v in values if v != c])))
+                            for s, c in zip(scenes, current)]
+    right = [shapes_dataset.caption(s) for s in scenes]
+    ratios: dict[str, dict[int, float]] = {attribute: {} for attribute in SWAPPABLE}
+    for step in timesteps:
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(step))
+        a = alphas[step]
+        xt = a.sqrt() * latents + (1 - a).sqrt() * noise
+        t = torch.full((n,), step)
+        right_loss = loss(right, xt, t, noise)  # the same for every attribute
+        for attribute, captions in wrong.items():
+            ratios[attribute][step] = loss(captions, xt, t, noise) / right_loss
     return ratios
 
 
