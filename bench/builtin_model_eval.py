@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modules import pipeline  # noqa: E402
+from modules.models.sd_model import noised  # noqa: E402
 from modules.request import GenerationRequest  # noqa: E402
 from modules.training import shapes_dataset  # noqa: E402
 
@@ -129,8 +130,7 @@ def text_use(sd_model, n: int = 64, seed: int = 5, timesteps=(300, 600, 900)) ->
     ratios: dict[str, dict[int, float]] = {attribute: {} for attribute in SWAPPABLE}
     for step in timesteps:
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(step))
-        a = alphas[step]
-        xt = a.sqrt() * latents + (1 - a).sqrt() * noise
+        xt = noised(latents, noise, alphas[step])
         t = torch.full((n,), step)
         right_loss = loss(right, xt, t, noise)  # the same for every attribute
         for attribute, captions in wrong.items():

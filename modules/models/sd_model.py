@@ -19,6 +19,12 @@ def scaled_linear_alphas_cumprod(
     return torch.cumprod(1.0 - betas, dim=0).to(torch.float32)
 
 
+def noised(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    """The forward process: latents x0 at the noise level whose cumulative alpha is alpha_bar
+    (a scalar, or one per sample shaped to broadcast), with the given unit noise."""
+    return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+
+
 class DiffusionWrapper(nn.Module):
     """Holds the UNet under `model.diffusion_model`, where the checkpoints keep it."""
 

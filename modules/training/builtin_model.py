@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from modules.fileio import atomic_write
 from modules.models.detect import ModelSpec
-from modules.models.sd_model import SDModel
+from modules.models.sd_model import SDModel, noised
 from modules.training import shapes_dataset
 
 CLIP_BOS, CLIP_EOS, CONTEXT_TOKENS = 49406, 49407, 77
@@ -321,7 +321,7 @@ class Trainer:
             t = torch.randint(len(alphas), (r.batch,), generator=g).to(self.device)
             noise = torch.randn(z0.shape, generator=g).to(self.device)
             a = alphas[t].view(-1, 1, 1, 1)
-            xt = a.sqrt() * z0 + (1 - a).sqrt() * noise
+            xt = noised(z0, noise, a)
             context = self.model.cond_stage_model(caption_tokens(captions).to(self.device))
             eps = self.model.model.diffusion_model(xt, t, context)
             # Min-SNR weighting: the high-noise steps, which decide what is drawn where, count fully.

@@ -31,6 +31,7 @@ from modules import embeddings, storage
 from modules.conditioning import CHUNK_TOKENS, PAD_ID
 from modules.fileio import atomic_write
 from modules.jobs import Job
+from modules.models.sd_model import noised
 from modules.tokenizer import BOS_ID, EOS_ID, tokenize
 from modules.training import ti_dataset
 from modules.training.lr_schedule import parse_schedule
@@ -281,7 +282,7 @@ def train_embedding(sd_model, options: TrainingOptions, *, embeddings_dir: Path,
             noise = torch.randn(x0.shape, generator=generator)
             t = torch.randint(0, len(alphas), (len(batch),), generator=generator)
             alpha_bar = alphas[t].view(-1, 1, 1, 1)
-            x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+            x_t = noised(x0, noise, alpha_bar)
             context = encode_with_vectors(sd_model, list(rows), list(slots), vectors, options.clip_skip)
             model_dtype = next(sd_model.model.parameters()).dtype
             prediction = sd_model.apply_model(x_t.to(device, model_dtype), t.to(device).float(), context.to(model_dtype))
