@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import sys
 from pathlib import Path
@@ -56,6 +57,40 @@ def test_captions_name_the_attributes():
     assert shapes_dataset.caption(scene) == "a large red star in the top left corner on a blue background"
     rng = random.Random(0)
     assert all("star" in shapes_dataset.caption(scene, rng) for _ in range(20))
+
+
+def test_focused_captions_name_one_attribute_of_every_shape():
+    star = shapes_dataset.ShapeSpec("star", "red", "large", "left")
+    square = shapes_dataset.ShapeSpec("square", "green", "small", "right")
+    rng = random.Random(0)
+    one = shapes_dataset.Scene("blue", (star,))
+    expected = {"shape": "a star", "colour": "a red shape", "size": "a large shape",
+                "position": "a shape on the left", "background": "a blue background"}
+    assert {a: shapes_dataset.focused_caption(one, a, rng) for a in shapes_dataset.FOCUS_ATTRIBUTES} == expected
+    two = shapes_dataset.Scene("blue", (star, square))
+    assert shapes_dataset.focused_caption(two, "position", rng) == "a shape on the left and a shape on the right"
+    with pytest.raises(ValueError, match="unknown attribute 'texture'"):
+        shapes_dataset.focused_caption(one, "texture", rng)
+
+
+def test_training_captions_mix_focused_captions_only_when_asked():
+    scenes = shapes_dataset.held_out_scenes(200, seed=4)
+    plain = builtin_model.Recipe()
+    rng, reference = random.Random(1), random.Random(1)
+    # Without focused captions the random stream is the one the shipped model was trained on.
+    for scene in scenes:
+        expected = ("" if reference.random() < plain.empty_caption_fraction
+                    else shapes_dataset.caption(scene, reference, drop=plain.caption_drop))
+        assert builtin_model.training_caption(scene, rng, plain) == expected
+    focused = dataclasses.replace(plain, empty_caption_fraction=0.0, focus_caption_fraction=1.0)
+    attributes_used = set()
+    for scene in scenes:
+        text = builtin_model.training_caption(scene, rng, focused)
+        about = [a for a in shapes_dataset.FOCUS_ATTRIBUTES
+                 if text in {shapes_dataset.focused_caption(scene, a, random.Random(k)) for k in range(8)}]
+        assert len(about) == 1, text
+        attributes_used.update(about)
+    assert attributes_used == set(shapes_dataset.FOCUS_ATTRIBUTES)
 
 
 def test_scorer_reads_true_pictures_perfectly():

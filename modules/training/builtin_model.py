@@ -8,7 +8,8 @@ Three stages, each resumable (`--resume` continues from the last saved state in 
 2. encoding every training picture once (the UNet stage then reads cached latent posteriors);
 3. the UNet and the CLIP text encoder together, end to end through the diffusion loss (SD's
    scaled-linear noise schedule, eps prediction), with 10% empty captions for classifier-free
-   guidance and an exponential moving average (EMA) of their weights.
+   guidance, optionally a share of captions that name one attribute only, and an exponential
+   moving average (EMA) of their weights.
 
 The output is ONE .safetensors file in the SD 1.x key layout (what SDModel.state_dict() gives),
 so the ordinary loader reads it; its metadata holds the resolution, the latent scale factor and
@@ -53,6 +54,7 @@ class Recipe:
     two_shape_fraction: float = 0.1
     empty_caption_fraction: float = 0.1
     caption_drop: float = 0.1  # chance to leave size / position / background out of a caption
+    focus_caption_fraction: float = 0.0  # share of captions naming one attribute only (see focused_caption)
     # Autoencoder: downsampling factor 2 ** (len(vae_ch_mult) - 1).
     vae_ch: int = 32
     vae_ch_mult: tuple[int, ...] = (1, 2, 2)
@@ -112,6 +114,15 @@ def caption_tokens(captions: list[str]) -> torch.Tensor:
         ids = ids[: CONTEXT_TOKENS - 2]
         rows.append([CLIP_BOS] + ids + [CLIP_EOS] * (CONTEXT_TOKENS - 1 - len(ids)))
     return torch.tensor(rows, dtype=torch.long)
+
+
+def training_caption(scene: shapes_dataset.Scene, rng: random.Random, r: Recipe) -> str:
+    if rng.random() < r.empty_caption_fraction:
+        return ""
+    # Drawn only when focused captions are on, so recipes without them keep their random stream.
+    if r.focus_caption_fraction and rng.random() < r.focus_caption_fraction:
+        return shapes_dataset.focused_caption(scene, rng.choice(shapes_dataset.FOCUS_ATTRIBUTES), rng)
+    return shapes_dataset.caption(scene, rng, drop=r.caption_drop)
 
 
 def _zero_output_layers(unet: torch.nn.Module) -> None:
@@ -314,8 +325,7 @@ class Trainer:
             g = _step_generator(r.seed, 3, step)
             rng = random.Random(f"{r.seed}-{step}")
             idx = torch.randint(len(self.scenes), (r.batch,), generator=g)
-            captions = ["" if rng.random() < r.empty_caption_fraction
-                        else shapes_dataset.caption(self.scenes[i], rng, drop=r.caption_drop) for i in idx.tolist()]
+            captions = [training_caption(self.scenes[i], rng, r) for i in idx.tolist()]
             z0 = latents["mean"][idx] + latents["std"][idx] * torch.randn(latents["mean"][idx].shape, generator=g)
             z0 = (z0 * scale).to(self.device)
             t = torch.randint(len(alphas), (r.batch,), generator=g).to(self.device)

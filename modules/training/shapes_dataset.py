@@ -188,6 +188,27 @@ def caption(scene: Scene, rng: random.Random | None = None, *, drop: float = 0.1
     return template.format(obj=obj, pos=pos, bg=bg)
 
 
+# What a one-attribute caption says about each shape; "shape" stands for any shape.
+_FOCUS_PHRASES = {
+    "shape": lambda s, pick: s.shape,
+    "colour": lambda s, pick: f"{s.colour} shape",
+    "size": lambda s, pick: f"{s.size} shape",
+    "position": lambda s, pick: f"shape {pick(POSITION_PHRASES[s.position])}",
+}
+FOCUS_ATTRIBUTES = (*_FOCUS_PHRASES, "background")
+
+
+def focused_caption(scene: Scene, attribute: str, rng: random.Random) -> str:
+    """A caption naming one attribute only ("a shape on the left", "a red shape", "a blue
+    background"). In full captions every word comes with the same companions; alone, a word's
+    meaning cannot be left to the others, and position words are only learnt this way."""
+    if attribute == "background":
+        return f"a {scene.background} background"
+    if attribute not in _FOCUS_PHRASES:
+        raise ValueError(f"unknown attribute {attribute!r}; known: {', '.join(FOCUS_ATTRIBUTES)}")
+    return " and ".join(f"a {_FOCUS_PHRASES[attribute](s, rng.choice)}" for s in scene.shapes)
+
+
 def training_examples(n: int, seed: int, *, size: int = 64, two_shape_fraction: float = 0.1
                       ) -> tuple[np.ndarray, list[Scene]]:
     """n pictures (uint8 [n, size, size, 3]) and their scenes, none with a held-out pair."""
