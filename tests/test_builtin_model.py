@@ -93,6 +93,25 @@ def test_training_captions_mix_focused_captions_only_when_asked():
     assert attributes_used == set(shapes_dataset.FOCUS_ATTRIBUTES)
 
 
+def test_focus_attributes_weight_the_focused_captions():
+    recipe = builtin_model._parser().parse_args(
+        ["--focus-caption-fraction", "1", "--empty-caption-fraction", "0", "--focus-attributes", "position, position,colour"])
+    recipe = builtin_model.Recipe(**{f.name: getattr(recipe, f.name) for f in dataclasses.fields(builtin_model.Recipe)})
+    assert recipe.focus_attributes == ("position", "position", "colour")
+    rng = random.Random(2)
+    captions = [builtin_model.training_caption(s, rng, recipe) for s in shapes_dataset.held_out_scenes(300, seed=5)]
+    positional = sum(c.startswith("a shape ") for c in captions)
+    coloured = sum(c.endswith(" shape") for c in captions)
+    assert positional + coloured == 300
+    assert 170 < positional < 230  # two in three
+
+
+def test_unknown_focus_attributes_are_refused_before_training(tmp_path):
+    with pytest.raises(SystemExit, match="focus_attributes must name some of shape, colour.*got position, texture"):
+        _train(tmp_path, "bad", 1, "--focus-attributes", "position,texture")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_scorer_reads_true_pictures_perfectly():
     scenes = shapes_dataset.held_out_scenes(120, seed=7)
     pictures = [shapes_dataset.render(s) for s in scenes]
@@ -130,6 +149,19 @@ def test_resume_refuses_a_different_recipe(tmp_path):
     _train(tmp_path, "run", 1)
     with pytest.raises(SystemExit, match="unet_ch"):
         _train(tmp_path, "run", 2, "--resume", "--unet-ch", "64")
+
+
+def test_resume_accepts_a_state_saved_before_a_recipe_field_existed(tmp_path):
+    straight = load_checkpoint(_train(tmp_path, "straight", 2)).state_dict()
+    _train(tmp_path, "old", 1)
+    path = tmp_path / "old" / builtin_model.STATE_FILE
+    saved = torch.load(path, weights_only=False)
+    del saved["recipe"]["focus_caption_fraction"], saved["recipe"]["focus_attributes"]
+    torch.save(saved, path)
+    resumed = load_checkpoint(_train(tmp_path, "old", 2, "--resume")).state_dict()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    with pytest.raises(SystemExit, match="differs in focus_caption_fraction .*saved: focus_caption_fraction=0.0"):
+        _train(tmp_path, "old", 3, "--resume", "--focus-caption-fraction", "0.5")
 
 
 def test_training_on_from_a_checkpoint_keeps_its_autoencoder(trained, tmp_path):

@@ -55,6 +55,7 @@ class Recipe:
     empty_caption_fraction: float = 0.1
     caption_drop: float = 0.1  # chance to leave size / position / background out of a caption
     focus_caption_fraction: float = 0.0  # share of captions naming one attribute only (see focused_caption)
+    focus_attributes: tuple[str, ...] = shapes_dataset.FOCUS_ATTRIBUTES  # drawn from uniformly; repeat one to weight it
     # Autoencoder: downsampling factor 2 ** (len(vae_ch_mult) - 1).
     vae_ch: int = 32
     vae_ch_mult: tuple[int, ...] = (1, 2, 2)
@@ -78,6 +79,12 @@ class Recipe:
     warmup: int = 200
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
+
+    def __post_init__(self):
+        unknown = set(self.focus_attributes) - set(shapes_dataset.FOCUS_ATTRIBUTES)
+        if unknown or not self.focus_attributes:
+            raise ValueError(f"focus_attributes must name some of {', '.join(shapes_dataset.FOCUS_ATTRIBUTES)}; "
+                             f"got {', '.join(self.focus_attributes) or 'none'}")
 
     def spec(self, scale_factor: float = 1.0) -> ModelSpec:
         return ModelSpec(
@@ -121,7 +128,7 @@ def training_caption(scene: shapes_dataset.Scene, rng: random.Random, r: Recipe)
         return ""
     # Drawn only when focused captions are on, so recipes without them keep their random stream.
     if r.focus_caption_fraction and rng.random() < r.focus_caption_fraction:
-        return shapes_dataset.focused_caption(scene, rng.choice(shapes_dataset.FOCUS_ATTRIBUTES), rng)
+        return shapes_dataset.focused_caption(scene, rng.choice(r.focus_attributes), rng)
     return shapes_dataset.caption(scene, rng, drop=r.caption_drop)
 
 
@@ -173,7 +180,9 @@ class Trainer:
 
     def _load_state(self, path: Path) -> None:
         saved = torch.load(path, map_location="cpu", weights_only=False)
-        mine, theirs = dataclasses.asdict(self.recipe), saved["recipe"]
+        mine = dataclasses.asdict(self.recipe)
+        # A field added since the state was saved had its default then: that is what it trained with.
+        theirs = {**dataclasses.asdict(Recipe()), **saved["recipe"]}
         state = saved["state"]
         unet_started = state["stage"] in ("unet", "done") and state["step"] > 0
         must_match = set(mine) if unet_started else _AUTOENCODER_FIELDS
@@ -414,8 +423,9 @@ def _parser() -> argparse.ArgumentParser:
     for f in dataclasses.fields(Recipe):
         flag = "--" + f.name.replace("_", "-")
         if isinstance(f.default, tuple):
-            p.add_argument(flag, type=lambda s: tuple(int(v) for v in s.split(",")), default=f.default,
-                           help="comma-separated integers")
+            item = type(f.default[0])
+            p.add_argument(flag, type=lambda s, item=item: tuple(item(v.strip()) for v in s.split(",")),
+                           default=f.default, help=f"comma-separated ({item.__name__})")
         else:
             p.add_argument(flag, type=type(f.default), default=f.default)
     return p
@@ -423,7 +433,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> Path:
     args = _parser().parse_args(argv)
-    recipe = Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)})
+    try:
+        recipe = Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)})
+    except ValueError as error:
+        raise SystemExit(f"bad recipe: {error}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
