@@ -94,9 +94,8 @@ def test_training_captions_mix_focused_captions_only_when_asked():
 
 
 def test_focus_attributes_weight_the_focused_captions():
-    recipe = builtin_model._parser().parse_args(
-        ["--focus-caption-fraction", "1", "--empty-caption-fraction", "0", "--focus-attributes", "position, position,colour"])
-    recipe = builtin_model.Recipe(**{f.name: getattr(recipe, f.name) for f in dataclasses.fields(builtin_model.Recipe)})
+    recipe = builtin_model.recipe_from_args(builtin_model._parser().parse_args(
+        ["--focus-caption-fraction", "1", "--empty-caption-fraction", "0", "--focus-attributes", "position, position,colour"]))
     assert recipe.focus_attributes == ("position", "position", "colour")
     rng = random.Random(2)
     captions = [builtin_model.training_caption(s, rng, recipe) for s in shapes_dataset.held_out_scenes(300, seed=5)]

@@ -186,11 +186,11 @@ class Trainer:
         state = saved["state"]
         unet_started = state["stage"] in ("unet", "done") and state["step"] > 0
         must_match = set(mine) if unet_started else _AUTOENCODER_FIELDS
-        differ = [k for k in mine if k in must_match - _LENGTH_FIELDS and _plain(mine[k]) != _plain(theirs.get(k))]
+        differ = [k for k in mine if k in must_match - _LENGTH_FIELDS and _plain(mine[k]) != _plain(theirs[k])]
         if differ:
             raise SystemExit(f"cannot resume from {path}: the recipe differs in {', '.join(differ)} "
-                             f"(saved: {', '.join(f'{k}={theirs.get(k)!r}' for k in differ)})")
-        if unet_started or all(_plain(mine[k]) == _plain(theirs.get(k)) for k in mine if k not in _LENGTH_FIELDS):
+                             f"(saved: {', '.join(f'{k}={theirs[k]!r}' for k in differ)})")
+        if unet_started or all(_plain(mine[k]) == _plain(theirs[k]) for k in mine if k not in _LENGTH_FIELDS):
             self.model.load_state_dict(saved["model"])
         else:
             prefix = "first_stage_model."
@@ -431,12 +431,16 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> Path:
-    args = _parser().parse_args(argv)
+def recipe_from_args(args: argparse.Namespace) -> Recipe:
     try:
-        recipe = Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)})
+        return Recipe(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Recipe)})
     except ValueError as error:
         raise SystemExit(f"bad recipe: {error}")
+
+
+def main(argv: list[str] | None = None) -> Path:
+    args = _parser().parse_args(argv)
+    recipe = recipe_from_args(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available()
