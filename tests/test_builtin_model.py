@@ -127,6 +127,17 @@ def test_scorer_notices_wrong_pictures():
 
 # ---- training script ----
 
+def test_learning_rate_warms_up_then_decays_to_the_asked_fraction():
+    lr = builtin_model._lr_at
+    assert lr(0, 1e-3, 10) == pytest.approx(1e-4)
+    assert lr(9, 1e-3, 10) == lr(5000, 1e-3, 10) == pytest.approx(1e-3)  # constant without a decay
+    decayed = [lr(step, 1e-3, 10, 110, 0.1) for step in range(110)]
+    assert decayed[10] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(decayed[10:], decayed[11:]))
+    assert decayed[60] == pytest.approx(0.55e-3)  # halfway down the cosine
+    assert lr(110, 1e-3, 10, 110, 0.1) == pytest.approx(1e-4)
+
+
 def test_smoke_training_writes_a_loadable_sd1_checkpoint(trained):
     model = builtin_model_eval.load_model(trained)
     assert model.spec.family == "SD1" and model.spec.resolution == 32

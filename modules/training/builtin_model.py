@@ -64,6 +64,7 @@ class Recipe:
     vae_batch: int = 16
     vae_crop: int = 32  # train on random crops of this side for the first 3/4 of the steps (0: never)
     vae_lr: float = 5e-4
+    vae_lr_end: float = 1.0  # learning rate at the last step, as a fraction of vae_lr (cosine decay; 1: constant)
     vae_kl_weight: float = 1e-5
     # Text encoder (CLIP layout; attention heads = hidden // 64 as detection infers them).
     text_hidden: int = 128
@@ -76,6 +77,7 @@ class Recipe:
     unet_steps: int = 6000
     batch: int = 32
     lr: float = 6e-4
+    lr_end: float = 1.0  # as vae_lr_end, for the UNet and text encoder
     warmup: int = 200
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
@@ -108,7 +110,7 @@ _LENGTH_FIELDS = {"vae_steps", "unet_steps"}
 # a resumed run may change every other field: it keeps the trained autoencoder and starts the
 # UNet and text encoder of the new recipe.
 _AUTOENCODER_FIELDS = {"seed", "resolution", "images", "two_shape_fraction", "vae_ch", "vae_ch_mult",
-                       "vae_res_blocks", "vae_crop", "vae_lr", "vae_kl_weight", "vae_batch"}
+                       "vae_res_blocks", "vae_crop", "vae_lr", "vae_lr_end", "vae_kl_weight", "vae_batch"}
 
 
 def caption_tokens(captions: list[str]) -> torch.Tensor:
@@ -145,8 +147,12 @@ def _step_generator(seed: int, stage: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + stage * 10_000_019 + step) % 2**63)
 
 
-def _lr_at(step: int, peak: float, warmup: int) -> float:
-    return peak * min(1.0, (step + 1) / max(1, warmup))
+def _lr_at(step: int, peak: float, warmup: int, total: int = 0, end: float = 1.0) -> float:
+    """Linear warmup to `peak`, then (when end < 1) a cosine decay to end * peak at step `total`."""
+    if step < warmup or end >= 1.0:
+        return peak * min(1.0, (step + 1) / max(1, warmup))
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return peak * (end + (1.0 - end) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
 def _images_to_tensor(images: np.ndarray, device) -> torch.Tensor:
@@ -242,7 +248,7 @@ class Trainer:
             kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
             loss = rec + r.vae_kl_weight * kl
             for group in opt.param_groups:
-                group["lr"] = _lr_at(step, r.vae_lr, 100)
+                group["lr"] = _lr_at(step, r.vae_lr, 100, r.vae_steps, r.vae_lr_end)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
@@ -348,7 +354,7 @@ class Trainer:
             weight = snr.clamp(max=r.min_snr_gamma) / snr
             loss = (weight * (eps - noise).pow(2).mean(dim=(1, 2, 3))).mean()
             for group in opt.param_groups:
-                group["lr"] = _lr_at(step, r.lr, r.warmup)
+                group["lr"] = _lr_at(step, r.lr, r.warmup, r.unet_steps, r.lr_end)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
