@@ -111,6 +111,14 @@ def test_unknown_focus_attributes_are_refused_before_training(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+@pytest.mark.parametrize("flag, value", [("--lr-end", "-0.1"), ("--vae-lr-end", "1.5")])
+def test_learning_rate_ends_outside_zero_to_one_are_refused_before_training(tmp_path, flag, value):
+    name = flag[2:].replace("-", "_")
+    with pytest.raises(SystemExit, match=f"bad recipe: {name} is a fraction of the peak learning rate, from 0 to 1; got {value}"):
+        _train(tmp_path, "bad", 1, flag, value)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_scorer_reads_true_pictures_perfectly():
     scenes = shapes_dataset.held_out_scenes(120, seed=7)
     pictures = [shapes_dataset.render(s) for s in scenes]

@@ -87,6 +87,9 @@ class Recipe:
         if unknown or not self.focus_attributes:
             raise ValueError(f"focus_attributes must name some of {', '.join(shapes_dataset.FOCUS_ATTRIBUTES)}; "
                              f"got {', '.join(self.focus_attributes) or 'none'}")
+        for name in ("vae_lr_end", "lr_end"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} is a fraction of the peak learning rate, from 0 to 1; got {getattr(self, name)}")
 
     def spec(self, scale_factor: float = 1.0) -> ModelSpec:
         return ModelSpec(
