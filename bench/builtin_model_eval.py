@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modules import pipeline  # noqa: E402
-from modules.models.sd_model import noised  # noqa: E402
+from modules.models.sd_model import diffusion_target, noised  # noqa: E402
 from modules.request import GenerationRequest  # noqa: E402
 from modules.training import shapes_dataset  # noqa: E402
 
@@ -105,7 +105,7 @@ def _with_shape(scene, **changes):
 
 @torch.no_grad()
 def text_use(sd_model, n: int = 64, seed: int = 5, timesteps=(300, 600, 900)) -> dict[str, dict[int, float]]:
-    """How much the UNet's noise-prediction loss on true pictures grows when the caption names
+    """How much the UNet's loss (on noise or v, as it predicts) on true pictures grows when the caption names
     another value of one attribute: {attribute: {timestep: wrong-caption loss / right-caption
     loss}}. About 1.0 means the model does not use that attribute's words."""
     from modules.training.builtin_model import caption_tokens
@@ -117,9 +117,9 @@ def text_use(sd_model, n: int = 64, seed: int = 5, timesteps=(300, 600, 900)) ->
     latents = sd_model.encode_first_stage(x)
     alphas = sd_model.alphas_cumprod.float()
 
-    def loss(captions, xt, t, noise):
-        eps = sd_model.apply_model(xt, t, sd_model.encode_text(caption_tokens(captions)))
-        return (eps.float() - noise).pow(2).mean().item()
+    def loss(captions, xt, t, target):
+        out = sd_model.apply_model(xt, t, sd_model.encode_text(caption_tokens(captions)))
+        return (out.float() - target).pow(2).mean().item()
 
     wrong = {}
     for attribute, (values, swap) in SWAPPABLE.items():
@@ -131,10 +131,11 @@ def text_use(sd_model, n: int = 64, seed: int = 5, timesteps=(300, 600, 900)) ->
     for step in timesteps:
         noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(step))
         xt = noised(latents, noise, alphas[step])
+        target = diffusion_target(sd_model.prediction, latents, noise, alphas[step])
         t = torch.full((n,), step)
-        right_loss = loss(right, xt, t, noise)  # the same for every attribute
+        right_loss = loss(right, xt, t, target)  # the same for every attribute
         for attribute, captions in wrong.items():
-            ratios[attribute][step] = loss(captions, xt, t, noise) / right_loss
+            ratios[attribute][step] = loss(captions, xt, t, target) / right_loss
     return ratios
 
 

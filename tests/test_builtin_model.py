@@ -156,6 +156,22 @@ def test_smoke_training_writes_a_loadable_sd1_checkpoint(trained):
     assert '"unet_steps": 3' in metadata["recipe"]
 
 
+def test_v_prediction_training_writes_a_v_model_the_sampler_uses(tmp_path):
+    out = _train(tmp_path, "v", 2, "--prediction", "v")
+    with safe_open(str(out), "pt") as f:
+        assert f.metadata()["prediction"] == "v"
+    model = builtin_model_eval.load_model(out)
+    assert model.prediction == "v"
+    picture = builtin_model_eval.generate(model, "a red circle", seed=1, steps=2)
+    assert picture.shape == (32, 32, 3)
+
+
+def test_unknown_prediction_is_refused_before_training(tmp_path):
+    with pytest.raises(SystemExit, match="bad recipe: prediction must be one of eps, v; got 'x0'"):
+        _train(tmp_path, "bad", 1, "--prediction", "x0")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_resumed_training_matches_an_uninterrupted_run(tmp_path):
     straight = load_checkpoint(_train(tmp_path, "straight", 4)).state_dict()
     _train(tmp_path, "split", 2)

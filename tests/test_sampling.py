@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from modules.conditioning import Conditioning, ScheduledCond
-from modules.models.sd_model import scaled_linear_alphas_cumprod
+from modules.models.sd_model import DIFFUSION_TARGETS, diffusion_target, scaled_linear_alphas_cumprod
 from modules.sampling.denoiser import CFGDenoiser, EpsDenoiser, VDenoiser, model_denoiser
 from modules.sampling.noise import ImageNoise, ancestral_noise_sampler, brownian_noise_sampler, image_noise
 from modules.sampling.registry import (
@@ -498,6 +498,27 @@ def test_model_denoiser_wraps_apply_model(tiny):
         expected = x - sigma * tiny.apply_model(x / (sigma**2 + 1) ** 0.5, torch.tensor([500.0]), context)
         torch.testing.assert_close(denoiser(x, sigma, context=context), expected)
     assert isinstance(model_denoiser(tiny_sd_model(seed=1, prediction="v")), VDenoiser)
+
+
+@pytest.mark.parametrize("prediction", sorted(DIFFUSION_TARGETS))
+def test_a_model_that_predicts_its_training_target_gives_the_sampler_the_clean_latents(prediction):
+    """Training (diffusion_target) and sampling (model_denoiser) read the UNet's output the same way."""
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    alphas = scaled_linear_alphas_cumprod()
+
+    class Perfect:
+        alphas_cumprod = alphas
+
+        def apply_model(self, x, t, context=None, c_concat=None):
+            return diffusion_target(prediction, x0, noise, alphas[t.round().long()].view(-1, 1, 1, 1))
+
+    model = Perfect()
+    model.prediction = prediction
+    denoiser = model_denoiser(model)
+    sigma = denoiser.sigmas[[300, 900]]
+    denoised = denoiser(x0 + sigma.view(-1, 1, 1, 1) * noise, sigma, context=None)
+    torch.testing.assert_close(denoised, x0, atol=1e-4, rtol=1e-4)
 
 
 def test_unknown_prediction_type():

@@ -25,6 +25,19 @@ def noised(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> to
     return alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
 
 
+# What the UNet learns to predict, by SDModel.prediction, from clean latents x0, the unit noise
+# and alpha_bar as `noised` takes them. v = sqrt(a) * noise - sqrt(1 - a) * x0 tends to -x0 at
+# the noisiest steps, so there the loss is on the picture itself rather than on the noise.
+DIFFUSION_TARGETS = {
+    "eps": lambda x0, noise, alpha_bar: noise,
+    "v": lambda x0, noise, alpha_bar: alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0,
+}
+
+
+def diffusion_target(prediction: str, x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    return DIFFUSION_TARGETS[prediction](x0, noise, alpha_bar)
+
+
 class DiffusionWrapper(nn.Module):
     """Holds the UNet under `model.diffusion_model`, where the checkpoints keep it."""
 

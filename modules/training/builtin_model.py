@@ -7,7 +7,7 @@ Three stages, each resumable (`--resume` continues from the last saved state in 
 1. the KL autoencoder, on reconstruction (L1 + L2) and a small KL term;
 2. encoding every training picture once (the UNet stage then reads cached latent posteriors);
 3. the UNet and the CLIP text encoder together, end to end through the diffusion loss (SD's
-   scaled-linear noise schedule, eps prediction), with 10% empty captions for classifier-free
+   scaled-linear noise schedule, eps or v prediction), with 10% empty captions for classifier-free
    guidance, optionally a share of captions that name one attribute only, and an exponential
    moving average (EMA) of their weights.
 
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import random
@@ -36,7 +37,7 @@ from tqdm import tqdm
 
 from modules.fileio import atomic_write
 from modules.models.detect import ModelSpec
-from modules.models.sd_model import SDModel, noised
+from modules.models.sd_model import DIFFUSION_TARGETS, SDModel, diffusion_target, noised
 from modules.training import shapes_dataset
 
 CLIP_BOS, CLIP_EOS, CONTEXT_TOKENS = 49406, 49407, 77
@@ -81,12 +82,15 @@ class Recipe:
     warmup: int = 200
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
+    prediction: str = "eps"  # what the UNet predicts: "eps" (the noise) or "v"
 
     def __post_init__(self):
         unknown = set(self.focus_attributes) - set(shapes_dataset.FOCUS_ATTRIBUTES)
         if unknown or not self.focus_attributes:
             raise ValueError(f"focus_attributes must name some of {', '.join(shapes_dataset.FOCUS_ATTRIBUTES)}; "
                              f"got {', '.join(self.focus_attributes) or 'none'}")
+        if self.prediction not in DIFFUSION_TARGETS:
+            raise ValueError(f"prediction must be one of {', '.join(DIFFUSION_TARGETS)}; got {self.prediction!r}")
         for name in ("vae_lr_end", "lr_end"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a fraction of the peak learning rate, from 0 to 1; got {getattr(self, name)}")
@@ -103,7 +107,7 @@ class Recipe:
             text=dict(vocab_size=49408, hidden_size=self.text_hidden, intermediate_size=4 * self.text_hidden,
                       num_hidden_layers=self.text_layers, num_attention_heads=max(1, self.text_hidden // 64),
                       max_position_embeddings=CONTEXT_TOKENS),
-            prediction="eps", scale_factor=scale_factor, resolution=self.resolution,
+            prediction=self.prediction, scale_factor=scale_factor, resolution=self.resolution,
         )
 
 
@@ -116,16 +120,23 @@ _AUTOENCODER_FIELDS = {"seed", "resolution", "images", "two_shape_fraction", "va
                        "vae_res_blocks", "vae_crop", "vae_lr", "vae_lr_end", "vae_kl_weight", "vae_batch"}
 
 
+# How many times each prediction's squared error holds the x0 error at a given SNR.
+_X0_ERROR_IN_LOSS = {"eps": lambda snr: snr, "v": lambda snr: snr + 1}
+
+
 def caption_tokens(captions: list[str]) -> torch.Tensor:
     """[B, 77] token ids as modules/conditioning.py builds a one-chunk prompt: BOS, the prompt's
     tokens, then the end token repeated to the end (SD 1.x pads with it)."""
+    return torch.tensor([_caption_row(c) for c in captions], dtype=torch.long)
+
+
+@functools.lru_cache(maxsize=200_000)
+def _caption_row(caption: str) -> tuple[int, ...]:
+    # Captions repeat across steps; tokenizing each once keeps the CPU from starving a GPU.
     from modules.tokenizer import tokenize
 
-    rows = []
-    for ids in tokenize(captions):
-        ids = ids[: CONTEXT_TOKENS - 2]
-        rows.append([CLIP_BOS] + ids + [CLIP_EOS] * (CONTEXT_TOKENS - 1 - len(ids)))
-    return torch.tensor(rows, dtype=torch.long)
+    ids = tokenize([caption])[0][: CONTEXT_TOKENS - 2]
+    return (CLIP_BOS, *ids, *[CLIP_EOS] * (CONTEXT_TOKENS - 1 - len(ids)))
 
 
 def training_caption(scene: shapes_dataset.Scene, rng: random.Random, r: Recipe) -> str:
@@ -351,11 +362,13 @@ class Trainer:
             a = alphas[t].view(-1, 1, 1, 1)
             xt = noised(z0, noise, a)
             context = self.model.cond_stage_model(caption_tokens(captions).to(self.device))
-            eps = self.model.model.diffusion_model(xt, t, context)
-            # Min-SNR weighting: the high-noise steps, which decide what is drawn where, count fully.
+            predicted = self.model.model.diffusion_model(xt, t, context)
+            target = diffusion_target(r.prediction, z0, noise, a)
+            # Min-SNR weighting: the x0 error counts min(snr, gamma) times, so the high-noise steps,
+            # which decide what is drawn where, count fully.
             snr = a.flatten() / (1 - a.flatten())
-            weight = snr.clamp(max=r.min_snr_gamma) / snr
-            loss = (weight * (eps - noise).pow(2).mean(dim=(1, 2, 3))).mean()
+            weight = snr.clamp(max=r.min_snr_gamma) / _X0_ERROR_IN_LOSS[r.prediction](snr)
+            loss = (weight * (predicted - target).pow(2).mean(dim=(1, 2, 3))).mean()
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, r.lr, r.warmup, r.unet_steps, r.lr_end)
             opt.zero_grad(set_to_none=True)
@@ -402,7 +415,7 @@ class Trainer:
         metadata = {
             "resolution": str(self.recipe.resolution),
             "scale_factor": f"{self.state['scale_factor']:.6f}",
-            "prediction": "eps",
+            "prediction": self.recipe.prediction,
             "recipe": json.dumps(recipe, sort_keys=True),
             "training": json.dumps(trained, sort_keys=True),
             "description": "Built-in model trained by modules/training/builtin_model.py on procedurally "

@@ -31,7 +31,7 @@ from modules import embeddings, storage
 from modules.conditioning import CHUNK_TOKENS, PAD_ID
 from modules.fileio import atomic_write
 from modules.jobs import Job
-from modules.models.sd_model import noised
+from modules.models.sd_model import diffusion_target, noised
 from modules.tokenizer import BOS_ID, EOS_ID, tokenize
 from modules.training import ti_dataset
 from modules.training.lr_schedule import parse_schedule
@@ -211,12 +211,6 @@ def find_embedding(folder: Path, name: str) -> Path:
     raise TrainingError(f"no embedding named {name} in {folder}; create it first")
 
 
-def _diffusion_target(sd_model, x0, noise, alpha_bar):
-    if sd_model.prediction == "v":
-        return alpha_bar.sqrt() * noise - (1 - alpha_bar).sqrt() * x0
-    return noise
-
-
 def train_embedding(sd_model, options: TrainingOptions, *, embeddings_dir: Path, log_dir: Path,
                     job: Job | None = None, checkpoint_hash: str | None = None, checkpoint_name: str | None = None,
                     preview: Callable[[str, int], Image.Image] | None = None) -> TrainingResult:
@@ -286,7 +280,7 @@ def train_embedding(sd_model, options: TrainingOptions, *, embeddings_dir: Path,
             context = encode_with_vectors(sd_model, list(rows), list(slots), vectors, options.clip_skip)
             model_dtype = next(sd_model.model.parameters()).dtype
             prediction = sd_model.apply_model(x_t.to(device, model_dtype), t.to(device).float(), context.to(model_dtype))
-            loss = F.mse_loss(prediction.float(), _diffusion_target(sd_model, x0, noise, alpha_bar).to(device))
+            loss = F.mse_loss(prediction.float(), diffusion_target(sd_model.prediction, x0, noise, alpha_bar).to(device))
             (loss / options.gradient_steps).backward()
             total += loss.item() / options.gradient_steps
         if not math.isfinite(total):
