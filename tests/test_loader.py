@@ -279,3 +279,19 @@ def test_model_hash_is_a1111s_short_sha256_and_is_cached(tmp_path, monkeypatch):
     os.utime(path, ns=(1, 1))  # a new version of the file: hashed again
     assert loader.model_hash(path, cache) == "0" * 10
     assert len(calls) == 1
+
+
+def test_lowvram_block_streaming_leaves_the_unet_output_unchanged(tiny_data_dir):
+    """The lowvram hooks move each UNet block in for its own forward and out after it, and do
+    nothing else: the output equals the plain model's. The CPU stands in for the GPU here."""
+    from modules.config import Paths
+    from modules.models.memory import DevicePolicy, ModelManager
+
+    policy = DevicePolicy(torch.device("cpu"), torch.float32, torch.float32, "lowvram")
+    streamed = ModelManager(Paths(tiny_data_dir), policy).get()
+    plain = tiny_sd_model(seed=0)
+    g = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 77, 32, generator=g)
+    t = torch.tensor([10.0, 700.0])
+    with torch.no_grad():
+        torch.testing.assert_close(streamed.apply_model(x, t, context), plain.apply_model(x, t, context))

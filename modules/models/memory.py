@@ -174,10 +174,18 @@ class ModelManager:
     def _stream_unet_blocks(self, unet: torch.nn.Module) -> None:
         """Lowvram: each top-level UNet block visits the GPU only for its own forward."""
         device = self.policy.device
+
+        # Both return None: a hook's return value would replace the block's input or output.
+        def arrive(block, args) -> None:
+            block.to(device)
+
+        def leave(block, args, output) -> None:
+            block.to("cpu")
+
         blocks = [b for child in unet.children() for b in (child if isinstance(child, torch.nn.ModuleList) else [child])]
         for block in blocks:
-            block.register_forward_pre_hook(lambda m, args: m.to(device))
-            block.register_forward_hook(lambda m, args, out: m.to("cpu"))
+            block.register_forward_pre_hook(arrive)
+            block.register_forward_hook(leave)
 
     @contextlib.contextmanager
     def using(self, model, part: str):
