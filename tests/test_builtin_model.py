@@ -13,6 +13,7 @@ import torch
 from safetensors import safe_open
 
 from modules.models.loader import load_checkpoint
+from modules.models.sd_model import scaled_linear_alphas_cumprod
 from modules.training import builtin_model, shapes_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,6 +165,22 @@ def test_v_prediction_training_writes_a_v_model_the_sampler_uses(tmp_path):
     assert model.prediction == "v"
     picture = builtin_model_eval.generate(model, "a red circle", seed=1, steps=2)
     assert picture.shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_loss_weight_counts_the_x0_error_min_snr_times_above_its_floor(prediction):
+    alpha_bar = scaled_linear_alphas_cumprod()[[0, 500, 999]]
+    snr = alpha_bar / (1 - alpha_bar)
+    x0_in_loss = snr if prediction == "eps" else snr + 1  # the squared error of eps or v, in x0 errors
+    assert snr[0] > 5 and snr[1] < 1  # the least noisy step, one in the middle and the noisiest
+    for floor, expected in ((0.0, [5.0, snr[1], snr[2]]), (1.0, [5.0, 1.0, 1.0])):
+        r = builtin_model.Recipe(prediction=prediction, min_snr_gamma=5.0, snr_floor=floor)
+        torch.testing.assert_close(builtin_model.loss_weight(alpha_bar, r) * x0_in_loss, torch.tensor(expected))
+
+
+def test_snr_floor_above_min_snr_gamma_is_refused_before_training(tmp_path):
+    with pytest.raises(SystemExit, match="bad recipe: snr_floor must be from 0 to min_snr_gamma"):
+        _train(tmp_path, "bad", 1, "--snr-floor", "6")
 
 
 def test_unknown_prediction_is_refused_before_training(tmp_path):

@@ -540,5 +540,8 @@ def test_cpu_noise_gives_the_same_image_on_the_gpu(name):
     # The denoiser's sigma tables start on the CPU and follow the latents to the GPU; the
     # Brownian trees of the CPU source stay on the CPU, so the picture matches the CPU run.
     on_cpu = generate(tiny_sd_model(seed=0), name, [7, 8])
-    on_gpu = generate(tiny_sd_model(seed=0).to("cuda"), name, [7, 8], device="cuda")
+    # cuDNN's default TF32 convolutions keep 10 mantissa bits, which this random model amplifies
+    # to 0.08 over three steps (as weights rounded so on the CPU show); the noise is compared here.
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        on_gpu = generate(tiny_sd_model(seed=0).to("cuda"), name, [7, 8], device="cuda")
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-2, rtol=1e-2)

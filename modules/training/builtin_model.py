@@ -82,6 +82,10 @@ class Recipe:
     warmup: int = 200
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
+    # The x0 error counts clamp(snr, snr_floor, min_snr_gamma) times (see loss_weight). Min-SNR
+    # alone (floor 0) counts the noisiest steps, where the layout is decided, snr (about 0.005)
+    # times; a floor of 1 counts them as much as the middle of the schedule.
+    snr_floor: float = 0.0
     prediction: str = "eps"  # what the UNet predicts: "eps" (the noise) or "v"
 
     def __post_init__(self):
@@ -91,6 +95,8 @@ class Recipe:
                              f"got {', '.join(self.focus_attributes) or 'none'}")
         if self.prediction not in DIFFUSION_TARGETS:
             raise ValueError(f"prediction must be one of {', '.join(DIFFUSION_TARGETS)}; got {self.prediction!r}")
+        if not 0.0 <= self.snr_floor <= self.min_snr_gamma:
+            raise ValueError(f"snr_floor must be from 0 to min_snr_gamma ({self.min_snr_gamma}); got {self.snr_floor}")
         for name in ("vae_lr_end", "lr_end"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a fraction of the peak learning rate, from 0 to 1; got {getattr(self, name)}")
@@ -122,6 +128,14 @@ _AUTOENCODER_FIELDS = {"seed", "resolution", "images", "two_shape_fraction", "va
 
 # How many times each prediction's squared error holds the x0 error at a given SNR.
 _X0_ERROR_IN_LOSS = {"eps": lambda snr: snr, "v": lambda snr: snr + 1}
+
+
+def loss_weight(alpha_bar: torch.Tensor, r: Recipe) -> torch.Tensor:
+    """Per-sample weight of the squared prediction error, so that the x0 error counts
+    clamp(snr, r.snr_floor, r.min_snr_gamma) times whatever the UNet predicts (Min-SNR weighting,
+    with a floor)."""
+    snr = alpha_bar / (1 - alpha_bar)
+    return snr.clamp(min=r.snr_floor, max=r.min_snr_gamma) / _X0_ERROR_IN_LOSS[r.prediction](snr)
 
 
 def caption_tokens(captions: list[str]) -> torch.Tensor:
@@ -364,10 +378,7 @@ class Trainer:
             context = self.model.cond_stage_model(caption_tokens(captions).to(self.device))
             predicted = self.model.model.diffusion_model(xt, t, context)
             target = diffusion_target(r.prediction, z0, noise, a)
-            # Min-SNR weighting: the x0 error counts min(snr, gamma) times, so the high-noise steps,
-            # which decide what is drawn where, count fully.
-            snr = a.flatten() / (1 - a.flatten())
-            weight = snr.clamp(max=r.min_snr_gamma) / _X0_ERROR_IN_LOSS[r.prediction](snr)
+            weight = loss_weight(a.flatten(), r)
             loss = (weight * (predicted - target).pow(2).mean(dim=(1, 2, 3))).mean()
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, r.lr, r.warmup, r.unet_steps, r.lr_end)
