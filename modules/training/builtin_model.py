@@ -51,7 +51,7 @@ class Recipe:
 
     seed: int = 0
     resolution: int = 64
-    images: int = 20000  # distinct training pictures (captions are re-drawn every step)
+    images: int = 40000  # distinct training pictures (captions are re-drawn every step)
     two_shape_fraction: float = 0.1
     empty_caption_fraction: float = 0.1
     caption_drop: float = 0.1  # chance to leave size / position / background out of a caption
@@ -60,12 +60,12 @@ class Recipe:
     # Autoencoder: downsampling factor 2 ** (len(vae_ch_mult) - 1).
     vae_ch: int = 32
     vae_ch_mult: tuple[int, ...] = (1, 2, 2)
-    vae_res_blocks: int = 1
-    vae_steps: int = 1500
-    vae_batch: int = 16
+    vae_res_blocks: int = 2
+    vae_steps: int = 6000
+    vae_batch: int = 32
     vae_crop: int = 32  # train on random crops of this side for the first 3/4 of the steps (0: never)
     vae_lr: float = 5e-4
-    vae_lr_end: float = 1.0  # learning rate at the last step, as a fraction of vae_lr (cosine decay; 1: constant)
+    vae_lr_end: float = 0.05  # learning rate at the last step, as a fraction of vae_lr (cosine decay; 1: constant)
     vae_kl_weight: float = 1e-5
     # Text encoder (CLIP layout; attention heads = hidden // 64 as detection infers them).
     text_hidden: int = 128
@@ -75,11 +75,11 @@ class Recipe:
     unet_ch_mult: tuple[int, ...] = (1, 2, 2)
     unet_res_blocks: int = 1
     unet_attention: tuple[int, ...] = (2, 4)
-    unet_steps: int = 6000
-    batch: int = 32
-    lr: float = 6e-4
+    unet_steps: int = 2000
+    batch: int = 128
+    lr: float = 1e-3
     lr_end: float = 1.0  # as vae_lr_end, for the UNet and text encoder
-    warmup: int = 200
+    warmup: int = 500
     ema_decay: float = 0.999
     min_snr_gamma: float = 5.0
     # The x0 error counts clamp(snr, snr_floor, min_snr_gamma) times (see loss_weight). Min-SNR
@@ -87,6 +87,8 @@ class Recipe:
     # times; a floor of 1 counts them as much as the middle of the schedule.
     snr_floor: float = 0.0
     prediction: str = "eps"  # what the UNet predicts: "eps" (the noise) or "v"
+    # Weight of each coarser level of multi-resolution training noise (see training_noise; 0: white).
+    pyramid_noise: float = 0.0
 
     def __post_init__(self):
         unknown = set(self.focus_attributes) - set(shapes_dataset.FOCUS_ATTRIBUTES)
@@ -97,6 +99,8 @@ class Recipe:
             raise ValueError(f"prediction must be one of {', '.join(DIFFUSION_TARGETS)}; got {self.prediction!r}")
         if not 0.0 <= self.snr_floor <= self.min_snr_gamma:
             raise ValueError(f"snr_floor must be from 0 to min_snr_gamma ({self.min_snr_gamma}); got {self.snr_floor}")
+        if not 0.0 <= self.pyramid_noise < 1.0:
+            raise ValueError(f"pyramid_noise is the weight ratio between noise levels, from 0 to below 1; got {self.pyramid_noise}")
         for name in ("vae_lr_end", "lr_end"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a fraction of the peak learning rate, from 0 to 1; got {getattr(self, name)}")
@@ -136,6 +140,23 @@ def loss_weight(alpha_bar: torch.Tensor, r: Recipe) -> torch.Tensor:
     with a floor)."""
     snr = alpha_bar / (1 - alpha_bar)
     return snr.clamp(min=r.snr_floor, max=r.min_snr_gamma) / _X0_ERROR_IN_LOSS[r.prediction](snr)
+
+
+def training_noise(shape: tuple[int, ...], g: torch.Generator, pyramid: float) -> torch.Tensor:
+    """Unit-variance noise for the forward process. With pyramid > 0, white noise plus noise drawn
+    at half, a quarter, ... of the resolution down to 1x1 and upsampled, level i weighted
+    pyramid ** i. SD's schedule leaves sqrt(alpha_bar) = 0.07 of the picture in the noisiest
+    latents, enough there to show where a large flat shape lies; low-frequency noise covers that,
+    so the model has to take the layout from the caption."""
+    noise = torch.randn(shape, generator=g)
+    if not pyramid:
+        return noise
+    size, level = shape[-1] // 2, 1
+    while size >= 1:
+        coarse = torch.randn((*shape[:-2], size, size), generator=g)
+        noise = noise + pyramid**level * F.interpolate(coarse, size=shape[-2:], mode="bilinear", align_corners=False)
+        size, level = size // 2, level + 1
+    return noise / noise.std()
 
 
 def caption_tokens(captions: list[str]) -> torch.Tensor:
@@ -372,7 +393,7 @@ class Trainer:
             z0 = latents["mean"][idx] + latents["std"][idx] * torch.randn(latents["mean"][idx].shape, generator=g)
             z0 = (z0 * scale).to(self.device)
             t = torch.randint(len(alphas), (r.batch,), generator=g).to(self.device)
-            noise = torch.randn(z0.shape, generator=g).to(self.device)
+            noise = training_noise(tuple(z0.shape), g, r.pyramid_noise).to(self.device)
             a = alphas[t].view(-1, 1, 1, 1)
             xt = noised(z0, noise, a)
             context = self.model.cond_stage_model(caption_tokens(captions).to(self.device))
