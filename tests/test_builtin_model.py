@@ -183,21 +183,6 @@ def test_snr_floor_above_min_snr_gamma_is_refused_before_training(tmp_path):
         _train(tmp_path, "bad", 1, "--snr-floor", "6")
 
 
-def test_pyramid_training_noise_has_unit_variance_and_far_more_low_frequencies():
-    shape = (64, 4, 16, 16)
-    white = builtin_model.training_noise(shape, torch.Generator().manual_seed(1), 0.0)
-    assert torch.equal(white, torch.randn(shape, generator=torch.Generator().manual_seed(1)))  # the old stream
-    pyramid = builtin_model.training_noise(shape, torch.Generator().manual_seed(1), 0.8)
-    assert pyramid.std().item() == pytest.approx(1.0, abs=1e-4)
-    # Each latent channel's mean over the picture: about 1/16 for white noise.
-    assert pyramid.mean(dim=(2, 3)).std() > 4 * white.mean(dim=(2, 3)).std()
-
-
-def test_pyramid_noise_of_one_or_more_is_refused_before_training(tmp_path):
-    with pytest.raises(SystemExit, match="bad recipe: pyramid_noise is the weight ratio"):
-        _train(tmp_path, "bad", 1, "--pyramid-noise", "1")
-
-
 def test_unknown_prediction_is_refused_before_training(tmp_path):
     with pytest.raises(SystemExit, match="bad recipe: prediction must be one of eps, v; got 'x0'"):
         _train(tmp_path, "bad", 1, "--prediction", "x0")

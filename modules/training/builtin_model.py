@@ -87,8 +87,6 @@ class Recipe:
     # times; a floor of 1 counts them as much as the middle of the schedule.
     snr_floor: float = 0.0
     prediction: str = "eps"  # what the UNet predicts: "eps" (the noise) or "v"
-    # Weight of each coarser level of multi-resolution training noise (see training_noise; 0: white).
-    pyramid_noise: float = 0.0
 
     def __post_init__(self):
         unknown = set(self.focus_attributes) - set(shapes_dataset.FOCUS_ATTRIBUTES)
@@ -99,8 +97,6 @@ class Recipe:
             raise ValueError(f"prediction must be one of {', '.join(DIFFUSION_TARGETS)}; got {self.prediction!r}")
         if not 0.0 <= self.snr_floor <= self.min_snr_gamma:
             raise ValueError(f"snr_floor must be from 0 to min_snr_gamma ({self.min_snr_gamma}); got {self.snr_floor}")
-        if not 0.0 <= self.pyramid_noise < 1.0:
-            raise ValueError(f"pyramid_noise is the weight ratio between noise levels, from 0 to below 1; got {self.pyramid_noise}")
         for name in ("vae_lr_end", "lr_end"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} is a fraction of the peak learning rate, from 0 to 1; got {getattr(self, name)}")
@@ -140,23 +136,6 @@ def loss_weight(alpha_bar: torch.Tensor, r: Recipe) -> torch.Tensor:
     with a floor)."""
     snr = alpha_bar / (1 - alpha_bar)
     return snr.clamp(min=r.snr_floor, max=r.min_snr_gamma) / _X0_ERROR_IN_LOSS[r.prediction](snr)
-
-
-def training_noise(shape: tuple[int, ...], g: torch.Generator, pyramid: float) -> torch.Tensor:
-    """Unit-variance noise for the forward process. With pyramid > 0, white noise plus noise drawn
-    at half, a quarter, ... of the resolution down to 1x1 and upsampled, level i weighted
-    pyramid ** i. SD's schedule leaves sqrt(alpha_bar) = 0.07 of the picture in the noisiest
-    latents, enough there to show where a large flat shape lies; low-frequency noise covers that,
-    so the model has to take the layout from the caption."""
-    noise = torch.randn(shape, generator=g)
-    if not pyramid:
-        return noise
-    size, level = shape[-1] // 2, 1
-    while size >= 1:
-        coarse = torch.randn((*shape[:-2], size, size), generator=g)
-        noise = noise + pyramid**level * F.interpolate(coarse, size=shape[-2:], mode="bilinear", align_corners=False)
-        size, level = size // 2, level + 1
-    return noise / noise.std()
 
 
 def caption_tokens(captions: list[str]) -> torch.Tensor:
@@ -393,7 +372,7 @@ class Trainer:
             z0 = latents["mean"][idx] + latents["std"][idx] * torch.randn(latents["mean"][idx].shape, generator=g)
             z0 = (z0 * scale).to(self.device)
             t = torch.randint(len(alphas), (r.batch,), generator=g).to(self.device)
-            noise = training_noise(tuple(z0.shape), g, r.pyramid_noise).to(self.device)
+            noise = torch.randn(z0.shape, generator=g).to(self.device)
             a = alphas[t].view(-1, 1, 1, 1)
             xt = noised(z0, noise, a)
             context = self.model.cond_stage_model(caption_tokens(captions).to(self.device))
