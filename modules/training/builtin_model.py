@@ -35,12 +35,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from modules.conditioning import CONTEXT_TOKENS
 from modules.fileio import atomic_write
 from modules.models.detect import ModelSpec
 from modules.models.sd_model import DIFFUSION_TARGETS, SDModel, diffusion_target, noised
+from modules.tokenizer import BOS_ID, EOS_ID, tokenize
 from modules.training import shapes_dataset
 
-CLIP_BOS, CLIP_EOS, CONTEXT_TOKENS = 49406, 49407, 77
 STATE_FILE = "state.pt"
 LATENTS_FILE = "latents.pt"
 
@@ -147,10 +148,8 @@ def caption_tokens(captions: list[str]) -> torch.Tensor:
 @functools.lru_cache(maxsize=200_000)
 def _caption_row(caption: str) -> tuple[int, ...]:
     # Captions repeat across steps; tokenizing each once keeps the CPU from starving a GPU.
-    from modules.tokenizer import tokenize
-
     ids = tokenize([caption])[0][: CONTEXT_TOKENS - 2]
-    return (CLIP_BOS, *ids, *[CLIP_EOS] * (CONTEXT_TOKENS - 1 - len(ids)))
+    return (BOS_ID, *ids, *[EOS_ID] * (CONTEXT_TOKENS - 1 - len(ids)))
 
 
 def training_caption(scene: shapes_dataset.Scene, rng: random.Random, r: Recipe) -> str:
