@@ -13,7 +13,8 @@ import torch
 from safetensors import safe_open
 
 from modules.models.loader import load_checkpoint
-from modules.models.sd_model import scaled_linear_alphas_cumprod
+from modules.models.sd_model import diffusion_target, noised, scaled_linear_alphas_cumprod
+from modules.sampling.denoiser import model_denoiser
 from modules.training import builtin_model, shapes_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -112,10 +113,10 @@ def test_unknown_focus_attributes_are_refused_before_training(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-@pytest.mark.parametrize("flag, value", [("--lr-end", "-0.1"), ("--vae-lr-end", "1.5")])
-def test_learning_rate_ends_outside_zero_to_one_are_refused_before_training(tmp_path, flag, value):
+@pytest.mark.parametrize("flag, value", [("--lr-end", "-0.1"), ("--vae-lr-end", "1.5"), ("--pure-noise-fraction", "2.0")])
+def test_fractions_outside_zero_to_one_are_refused_before_training(tmp_path, flag, value):
     name = flag[2:].replace("-", "_")
-    with pytest.raises(SystemExit, match=f"bad recipe: {name} is a fraction of the peak learning rate, from 0 to 1; got {value}"):
+    with pytest.raises(SystemExit, match=f"bad recipe: {name} is a fraction, from 0 to 1; got {value}"):
         _train(tmp_path, "bad", 1, flag, value)
     assert not (tmp_path / "bad").exists()
 
@@ -176,6 +177,34 @@ def test_loss_weight_counts_the_x0_error_min_snr_times_above_its_floor(predictio
     for floor, expected in ((0.0, [5.0, snr[1], snr[2]]), (1.0, [5.0, 1.0, 1.0])):
         r = builtin_model.Recipe(prediction=prediction, min_snr_gamma=5.0, snr_floor=floor)
         torch.testing.assert_close(builtin_model.loss_weight(alpha_bar, r) * x0_in_loss, torch.tensor(expected))
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_pure_noise_rows_train_the_first_sampling_step_on_its_own_input(prediction):
+    g = torch.Generator().manual_seed(0)
+    alphas = scaled_linear_alphas_cumprod()
+    z0, noise = torch.randn(64, 4, 8, 8, generator=g), torch.randn(64, 4, 8, 8, generator=g)
+    t = torch.randint(900, (64,), generator=g)
+    moved_t, moved_noise = builtin_model._pure_noise_rows(z0, t, noise, alphas, 0.5, g)
+    rows = moved_t != t
+    assert 16 < rows.sum() < 48 and (moved_t[rows] == 999).all()
+    assert torch.equal(moved_noise[~rows], noise[~rows])
+    a = alphas[moved_t].view(-1, 1, 1, 1)
+    # k-diffusion starts from sigma_max * noise and scales it by 1 / sqrt(sigma_max^2 + 1) for the UNet.
+    torch.testing.assert_close(noised(z0, moved_noise, a)[rows], (1 - alphas[-1]).sqrt() * noise[rows])
+
+    class Perfect:
+        alphas_cumprod = alphas
+
+        def apply_model(self, x, t, context=None, c_concat=None):
+            return diffusion_target(prediction, z0[rows], moved_noise[rows], alphas[-1])
+
+    model = Perfect()
+    model.prediction = prediction
+    denoiser = model_denoiser(model)
+    sigma_max = denoiser.sigmas[-1:]
+    torch.testing.assert_close(denoiser(sigma_max * noise[rows], sigma_max, context=None), z0[rows],
+                               atol=1e-4, rtol=1e-4)
 
 
 def test_snr_floor_above_min_snr_gamma_is_refused_before_training(tmp_path):
