@@ -7,7 +7,9 @@ modules/training/shapes_dataset.py). Each picture is generated as the web UI wou
 sampler, schedule and CFG scale of a GenerationRequest, 20 steps, empty negative prompt, one
 image at a time), then read back from its pixels: background colour, shape colour, shape type,
 position and size. Prints the percentage right for each and the seconds per image, text
-encoding and VAE decode included. `--autoencoder` scores the same pictures after a round trip
+encoding and VAE decode included. `--inpaint` also scores inpainting: the same target scenes
+drawn first with another shape of another colour in the target's place, then that shape's box
+masked and redrawn from the target's caption (see edit_cases). `--autoencoder` scores the same pictures after a round trip
 through the model's VAE alone, to tell drawing errors from autoencoder losses; `--text-use`
 shows which caption words the UNet follows at all (see text_use).
 """
@@ -23,12 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from modules import pipeline  # noqa: E402
+from modules import img2img, pipeline  # noqa: E402
 from modules.models.sd_model import diffusion_target, noised  # noqa: E402
-from modules.request import GenerationRequest  # noqa: E402
+from modules.request import GenerationRequest, Img2ImgRequest  # noqa: E402
 from modules.training import shapes_dataset  # noqa: E402
 
 ATTRIBUTES = ("background", "colour", "shape", "position", "size")
@@ -57,6 +60,62 @@ def generate(sd_model, prompt: str, seed: int, *, steps: int = 20, size: int | N
     request = (request or GenerationRequest()).replace(prompt=prompt, steps=steps, width=size, height=size)
     latents = pipeline.sample_latents(sd_model, request, [seed], embeddings=embeddings)
     return np.asarray(pipeline.latents_to_images(sd_model, latents)[0])
+
+
+def inpaint(sd_model, picture: np.ndarray, mask: np.ndarray, prompt: str, seed: int, *, steps: int = 20,
+            request: GenerationRequest | None = None) -> np.ndarray:
+    """`picture` (uint8 [H, W, 3]) with the white part of `mask` (uint8 [H, W]) redrawn for
+    `prompt`, through the web UI's img2img steps: its inpainting defaults (mask blur, original
+    content, whole picture) at denoising strength 1, the sampler settings of `request`."""
+    size = picture.shape[0]
+    settings = request or GenerationRequest()
+    request = Img2ImgRequest(prompt=prompt, steps=steps, width=size, height=size, denoising_strength=1.0,
+                             sampler_name=settings.sampler_name, scheduler=settings.scheduler,
+                             cfg_scale=settings.cfg_scale, init_images=(Image.fromarray(picture),),
+                             mask=Image.fromarray(mask))
+    prepared = img2img.prepare(request)
+    init, conditioning = prepared.start(sd_model, [seed], noise_source=request.noise_source, device=None)
+    latents = pipeline.sample_latents(sd_model, request, [seed], init=init, image_conditioning=conditioning)
+    return np.asarray(prepared.finish(pipeline.latents_to_images(sd_model, latents))[0])
+
+
+MASK_MARGIN = 4  # pixels of background around the shape's box, as a person paints a mask roughly
+
+
+def edit_cases(n: int, seed: int, size: int) -> tuple[list, np.ndarray, np.ndarray]:
+    """(target scenes, starting pictures, masks) for the inpainting score. Each target is a held-out
+    scene; its starting picture has a shape of another type and colour where the target's shape
+    goes, at the same size; the mask is the box that holds either shape. The box gives place and
+    size away, not the shape type or colour: those come from the caption alone."""
+    rng = random.Random(seed)
+    targets = shapes_dataset.held_out_scenes(n, seed)
+    pictures, masks = [], []
+    for scene in targets:
+        wanted = scene.shapes[0]
+        colour = rng.choice([c for c in shapes_dataset.COLOURS if c not in (scene.background, wanted.colour)])
+        shape = rng.choice([s for s in shapes_dataset.SHAPES if s != wanted.shape])
+        start = dataclasses.replace(scene, shapes=(dataclasses.replace(wanted, shape=shape, colour=colour),))
+        pictures.append(shapes_dataset.render(start, size))
+        boxes = np.array([shapes_dataset.shape_box(s, size) for s in (wanted, *start.shapes)])
+        x0, y0 = np.clip(np.floor(boxes[:, :2].min(0)) - MASK_MARGIN, 0, size).astype(int)
+        x1, y1 = np.clip(np.ceil(boxes[:, 2:].max(0)) + MASK_MARGIN, 0, size).astype(int)
+        mask = np.zeros((size, size), np.uint8)
+        mask[y0:y1, x0:x1] = 255
+        masks.append(mask)
+    return targets, np.stack(pictures), np.stack(masks)
+
+
+def evaluate_inpainting(sd_model, n: int, seed: int = 1234, steps: int = 20, request: GenerationRequest | None = None
+                        ) -> tuple[dict[str, float], float, np.ndarray]:
+    """(scores, seconds per image, pictures) for n edits of edit_cases."""
+    targets, starts, masks = edit_cases(n, seed, sd_model.spec.resolution)
+    pictures = []
+    started = time.perf_counter()
+    for i, (scene, start, mask) in enumerate(zip(targets, starts, masks)):
+        pictures.append(inpaint(sd_model, start, mask, shapes_dataset.caption(scene), seed + i, steps=steps,
+                                request=request))
+    seconds = (time.perf_counter() - started) / max(1, n)
+    return score(pictures, targets), seconds, np.stack(pictures)
 
 
 @torch.no_grad()
@@ -140,8 +199,6 @@ def text_use(sd_model, n: int = 64, seed: int = 5, timesteps=(300, 600, 900)) ->
 
 
 def save_grid(pictures: np.ndarray, path: Path, columns: int = 10) -> None:
-    from PIL import Image
-
     n, h, w, _ = pictures.shape
     rows = -(-n // columns)
     grid = np.zeros((rows * h, columns * w, 3), dtype=np.uint8)
@@ -164,6 +221,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sampler", default=None, help="default: the web UI's")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--autoencoder", action="store_true", help="also score VAE round trips of true pictures")
+    p.add_argument("--inpaint", action="store_true", help="also score inpainting a box with the held-out scenes")
     p.add_argument("--grid", type=Path, help="save the generated pictures as one PNG grid here")
     p.add_argument("--text-use", action="store_true",
                    help="also print how much the loss grows when the caption names a wrong attribute value")
@@ -189,9 +247,14 @@ def main(argv: list[str] | None = None) -> None:
     scores, seconds, prompts, pictures = evaluate(sd_model, args.n, args.seed, args.steps, request)
     _report("generated", scores)
     print(f"{seconds:.3f} s per image (text encoding, sampling and VAE decode)")
+    if args.inpaint:
+        inpaint_scores, inpaint_seconds, inpainted = evaluate_inpainting(sd_model, args.n, args.seed, args.steps, request)
+        _report("inpainted", inpaint_scores)
+        print(f"{inpaint_seconds:.3f} s per inpainted image")
+        pictures = np.concatenate([pictures, inpainted])
     if args.grid:
         save_grid(pictures, args.grid)
-        print(f"pictures in {args.grid}; prompts in order:")
+        print(f"pictures in {args.grid}; prompts in order{' (then the inpainted ones, same prompts)' if args.inpaint else ''}:")
         for i, prompt in enumerate(prompts):
             print(f"  {i:3d} {prompt}")
 

@@ -10,10 +10,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors import safe_open
 
+from modules import img2img
 from modules.models.loader import load_checkpoint
 from modules.models.sd_model import diffusion_target, noised, scaled_linear_alphas_cumprod
+from modules.request import Img2ImgRequest
 from modules.sampling.denoiser import model_denoiser
 from modules.training import builtin_model, shapes_dataset
 
@@ -271,6 +274,33 @@ def test_evaluation_runs_on_a_few_samples(trained):
     assert set(scores) == set(builtin_model_eval.ATTRIBUTES)
     assert all(0.0 <= v <= 1.0 for v in scores.values())
     assert seconds > 0 and len(prompts) == 2 and pictures.shape == (2, 32, 32, 3)
+
+
+def test_inpainting_cases_change_only_the_masked_box_and_only_shape_and_colour():
+    targets, starts, masks = builtin_model_eval.edit_cases(12, seed=5, size=64)
+    for scene, start, mask in zip(targets, starts, masks):
+        target = shapes_dataset.render(scene, 64)
+        outside = mask == 0
+        assert np.array_equal(start[outside], target[outside])  # both shapes lie inside the box
+        assert outside.any() and 0 < mask.mean() < 255
+        ys, xs = np.nonzero(mask)
+        assert mask[ys.min():ys.max() + 1, xs.min():xs.max() + 1].all()  # a box, no outline to trace
+        got, want = shapes_dataset.read_scene(start), shapes_dataset.scene_attributes(scene)
+        assert got["shape"] != want["shape"] and got["colour"] != want["colour"]
+        assert (got["background"], got["position"], got["size"]) == (want["background"], want["position"], want["size"])
+
+
+def test_inpainting_evaluation_runs_on_a_few_samples(trained):
+    model = builtin_model_eval.load_model(trained)
+    scores, seconds, pictures = builtin_model_eval.evaluate_inpainting(model, n=2, steps=2)
+    assert set(scores) == set(builtin_model_eval.ATTRIBUTES) and all(0.0 <= v <= 1.0 for v in scores.values())
+    _, starts, masks = builtin_model_eval.edit_cases(2, 1234, 32)
+    assert seconds > 0 and pictures.shape == (2, 32, 32, 3)
+    # Where the blurred mask does not reach, the starting picture is kept exactly.
+    blur = Img2ImgRequest().mask_blur
+    far = np.stack([np.asarray(img2img.blur_mask(Image.fromarray(m), blur)) for m in masks]) == 0
+    assert far.any() and np.array_equal(pictures[far], starts[far])
+    assert not np.array_equal(pictures, starts)
 
 
 # ---- the shipped model ----

@@ -132,16 +132,31 @@ def _outline(shape: str, cx: float, cy: float, side: float) -> list[tuple[float,
     raise ValueError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
 
 
+def _geometry(s: ShapeSpec, size: float) -> tuple[float, float, float, list[tuple[float, float]] | None]:
+    """(centre x, centre y, side, outline) of the shape in a picture `size` pixels wide."""
+    px, py = POSITIONS[s.position]
+    cx, cy = (px + s.dx) * size, (py + s.dy) * size
+    side = SIZES[s.size] * s.scale * size
+    return cx, cy, side, _outline(s.shape, cx, cy, side)
+
+
+def shape_box(s: ShapeSpec, size: int = 64) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) in pixels of the shape as render draws it at `size`."""
+    cx, cy, side, outline = _geometry(s, size)
+    if outline is None:
+        r = side / 2
+        return cx - r, cy - r, cx + r, cy + r
+    xs, ys = zip(*outline)
+    return min(xs), min(ys), max(xs), max(ys)
+
+
 def render(scene: Scene, size: int = 64) -> np.ndarray:
     """The scene as an RGB uint8 array [size, size, 3]."""
     big = size * SUPERSAMPLE
     image = Image.new("RGB", (big, big), COLOURS[scene.background])
     draw = ImageDraw.Draw(image)
     for s in scene.shapes:
-        px, py = POSITIONS[s.position]
-        cx, cy = (px + s.dx) * big, (py + s.dy) * big
-        side = SIZES[s.size] * s.scale * big
-        outline = _outline(s.shape, cx, cy, side)
+        cx, cy, side, outline = _geometry(s, big)
         if outline is None:
             r = side / 2
             draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=COLOURS[s.colour])
