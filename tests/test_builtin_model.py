@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import random
 import sys
 from pathlib import Path
@@ -259,6 +260,23 @@ def test_training_on_from_a_checkpoint_keeps_its_autoencoder(trained, tmp_path):
     assert moved and all(torch.allclose(start[k].float(), tuned[k].float(), atol=0.02) for k in unet)
     with safe_open(str(out), "pt") as f:
         assert f'"initialised_from": "{trained.name}"' in f.metadata()["training"]
+
+
+def test_a_chain_of_runs_records_every_stage_to_make_it_again(trained, tmp_path):
+    second = _train(tmp_path, "second", 2, "--init-from", str(trained), "--lr", "1e-4")
+    third = _train(tmp_path, "third", 1, "--init-from", str(second), "--pure-noise-fraction", "0.5")
+
+    def metadata(path):
+        with safe_open(str(path), "pt") as f:
+            return f.metadata()
+
+    stages = json.loads(metadata(third)["earlier_stages"])
+    assert [s["recipe"] for s in stages] == [json.loads(metadata(p)["recipe"]) for p in (trained, second)]
+    assert [s["training"]["unet_steps_done"] for s in stages] == [3, 2]
+    assert stages[1]["recipe"]["lr"] == 1e-4 and stages[1]["training"]["initialised_from"] == trained.name
+    assert "initialised_from" not in stages[0]["training"]  # the first stage started from scratch
+    assert json.loads(metadata(third)["recipe"])["pure_noise_fraction"] == 0.5
+    assert "earlier_stages" not in metadata(trained)
 
 
 def test_training_on_from_a_checkpoint_of_other_networks_is_refused(trained, tmp_path):

@@ -250,6 +250,7 @@ class Trainer:
     def _init_from(self, path: Path) -> None:
         """Start from a trained checkpoint of the same recipe's shapes: its autoencoder is kept
         (the latents are encoded again) and the UNet and text encoder train on from its weights."""
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         weights = load_file(str(path))
@@ -257,7 +258,10 @@ class Trainer:
             self.model.load_state_dict({k: v.float() for k, v in weights.items()})
         except RuntimeError as error:
             raise SystemExit(f"cannot start from {path}: its networks differ from the recipe's ({error})")
-        self.state.update(stage="encode", step=0, initialised_from=path.name)
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+        self.state.update(stage="encode", step=0, initialised_from=path.name,
+                          earlier_stages=earlier_stages(metadata))
         self.log(f"starting from the weights of {path}")
 
     def save(self) -> None:
@@ -447,7 +451,19 @@ class Trainer:
             "description": "Built-in model trained by modules/training/builtin_model.py on procedurally "
                            "drawn coloured shapes (modules/training/shapes_dataset.py).",
         }
+        if self.state.get("earlier_stages"):
+            metadata["earlier_stages"] = json.dumps(self.state["earlier_stages"], sort_keys=True)
         atomic_write(out, lambda f: f.write(save(weights, metadata=metadata)))
+
+
+def earlier_stages(metadata: dict[str, str]) -> list[dict]:
+    """Every stage that made a checkpoint, oldest first, from its metadata: the stages before it
+    and its own (recipe and training record), so that a file trained on from it can be made again
+    from scratch by running them in order with --init-from."""
+    stages = json.loads(metadata.get("earlier_stages", "[]"))
+    if "recipe" in metadata:
+        stages.append({"recipe": json.loads(metadata["recipe"]), "training": json.loads(metadata.get("training", "{}"))})
+    return stages
 
 
 def _plain(value):
