@@ -338,6 +338,15 @@ def test_shipped_model_loads_and_generates_deterministically():
     assert first.std() > 10  # a picture, not a flat field
 
 
+def test_shipped_model_draws_the_shape_where_the_prompt_says():
+    model = builtin_model_eval.load_model(SHIPPED)
+    for position, phrases in shapes_dataset.POSITION_PHRASES.items():
+        for seed in (0, 1):
+            picture = builtin_model_eval.generate(model, f"a large red circle {phrases[0]} on a white background",
+                                                  seed=seed, steps=8)
+            assert shapes_dataset.read_scene(picture)["position"] == position, (position, seed)
+
+
 def test_prompt_editing_switches_the_colour_the_shipped_model_draws():
     """The shape's colour settles in the middle of sampling, after the background: switched early
     (after 2 of 8 steps) the second colour shows, switched late (after 6) the first one does.

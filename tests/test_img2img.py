@@ -79,10 +79,10 @@ def test_strength_zero_returns_the_picture_through_the_vae(builtin_ctx):
 
 
 def test_low_strength_keeps_the_picture_high_strength_follows_the_prompt(builtin_ctx):
-    # At 0.2 the built-in model already redraws the shape as the prompt's star; from 0.3 on, on
-    # some seeds, the background begins to drift (to purple on seed 1).
+    # At 0.15 the built-in model keeps the blue background (seeds 1 to 8); from 0.2 on, on most
+    # seeds, the background begins to drift towards the prompt's yellow (to purple first).
     for seed in (1, 2):
-        low = pipeline.generate(builtin_ctx, request(denoising_strength=0.2, seed=seed), save=False).images[0]
+        low = pipeline.generate(builtin_ctx, request(denoising_strength=0.15, seed=seed), save=False).images[0]
         high = pipeline.generate(builtin_ctx, request(denoising_strength=1.0, seed=seed), save=False).images[0]
         assert shapes_dataset.read_scene(np.asarray(low))["background"] == "blue"
         assert shapes_dataset.read_scene(np.asarray(high))["background"] == "yellow"

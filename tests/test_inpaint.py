@@ -17,6 +17,7 @@ from modules import img2img, metadata, pipeline
 from modules.config import Flags
 from modules.context import AppContext
 from modules.models.loader import load_checkpoint
+from modules.training import shapes_dataset
 from modules.request import GenerationRequest, Img2ImgRequest, RequestError
 from modules.ui.img2img import mask_from_layers
 from tests.test_img2img import PROMPT, pixels, png, scene
@@ -49,13 +50,29 @@ def inpaint(ctx, **fields) -> Img2ImgRequest:
 @pytest.mark.parametrize("content", range(len(img2img.MASKED_CONTENT)))
 def test_only_the_masked_part_is_redrawn(builtin_ctx, content):
     picture = scene()
-    out = pixels(inpaint(builtin_ctx, init_images=(picture,), inpainting_fill=content).images[0])
+    # The prompt names what stays and the new background: the strip is the only place left to
+    # draw in, so a prompt naming another shape gets that shape drawn there.
+    prompt = "a large red circle in the center on a yellow background"
+    out = pixels(inpaint(builtin_ctx, init_images=(picture,), inpainting_fill=content, prompt=prompt).images[0])
     original = pixels(picture)
     # Outside the blurred mask every pixel is the original's, exactly.
     assert np.array_equal(out[:, 24 + REACH:], original[:, 24 + REACH:])
     # Inside, the prompt's yellow background replaces the blue one.
     inside = out[:, :24 - REACH].reshape(-1, 3).mean(0)
     assert inside[0] > 150 and inside[1] > 150 and inside[2] < 120, inside
+
+
+def test_a_masked_shape_is_replaced_by_the_one_the_prompt_names_in_its_place(builtin_ctx):
+    """The evaluation's inpainting case (bench/builtin_model_eval.py --inpaint): a box over a
+    shape, redrawn from a caption that names another shape and colour at that place."""
+    picture = scene(colour="yellow", shape="square", position="left")
+    prompt = "a large red circle on the left on a blue background"
+    for seed in (0, 1):
+        out = pixels(inpaint(builtin_ctx, init_images=(picture,), mask=square_mask(0, 14, 36, 64), prompt=prompt,
+                             seed=seed).images[0])
+        assert np.array_equal(out[:, 36 + REACH:], pixels(picture)[:, 36 + REACH:])
+        drawn = shapes_dataset.read_scene(out.astype(np.uint8))
+        assert (drawn["background"], drawn["colour"], drawn["shape"], drawn["position"]) == ("blue", "red", "circle", "left")
 
 
 def test_inpaint_not_masked_redraws_the_rest(builtin_ctx):

@@ -12,9 +12,21 @@ Three stages, each resumable (`--resume` continues from the last saved state in 
    moving average (EMA) of their weights.
 
 The output is ONE .safetensors file in the SD 1.x key layout (what SDModel.state_dict() gives),
-so the ordinary loader reads it; its metadata holds the resolution, the latent scale factor and
-the recipe. Every random choice comes from --seed, per step, so a resumed run continues exactly
-as an uninterrupted one would.
+so the ordinary loader reads it; its metadata holds the resolution, the latent scale factor, the
+recipe and, for a run that went on from another file, the recipes of the runs before it. Every
+random choice comes from --seed, per step, so a resumed run continues exactly as an
+uninterrupted one would.
+
+The shipped model is five runs, each starting from the previous one's output (--out; runs 2-5
+also take `--init-from PREVIOUS --images 10000 --batch 32 --prediction v`):
+1. the defaults (eps prediction; from scratch);
+2. `--lr 5e-4 --warmup 100 --unet-steps 2500 --pure-noise-fraction 0.25 --snr-floor 1`;
+3. `--lr 5e-4 --warmup 50 --unet-steps 1500 --pure-noise-fraction 0.75 --snr-floor 1`;
+4. `--lr 3e-4 --warmup 50 --lr-end 0.1 --unet-steps 2500 --pure-noise-fraction 0.3 --snr-floor 0.3`;
+5. `--lr 1e-4 --warmup 50 --lr-end 0.1 --unet-steps 2000 --pure-noise-fraction 0.15 --snr-floor 0.3
+   --export-every 500`, its output as exported after 500 steps.
+Run 2 was recorded as a 4000-step run stopped at step 2500; with a constant learning rate
+(--lr-end 1) that is the same as a 2500-step run.
 """
 
 from __future__ import annotations
@@ -48,7 +60,7 @@ LATENTS_FILE = "latents.pt"
 
 @dataclass
 class Recipe:
-    """Everything that decides the trained weights. Defaults: the shipped model."""
+    """Everything that decides the trained weights. Defaults: the first of the shipped model's runs."""
 
     seed: int = 0
     resolution: int = 64
