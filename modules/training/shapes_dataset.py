@@ -216,7 +216,7 @@ FOCUS_ATTRIBUTES = (*_FOCUS_PHRASES, "background")
 def focused_caption(scene: Scene, attribute: str, rng: random.Random) -> str:
     """A caption naming one attribute only ("a shape on the left", "a red shape", "a blue
     background"). In full captions every word comes with the same companions; alone, a word's
-    meaning cannot be left to the others, and position words are only learnt this way."""
+    meaning cannot be left to the others."""
     if attribute == "background":
         return f"a {scene.background} background"
     if attribute not in _FOCUS_PHRASES:
