@@ -9,9 +9,10 @@ image at a time), then read back from its pixels: background colour, shape colou
 position and size. Prints the percentage right for each and the seconds per image, text
 encoding and VAE decode included. `--inpaint` also scores inpainting: the same target scenes
 drawn first with another shape of another colour in the target's place, then that shape's box
-masked and redrawn from the target's caption (see edit_cases). `--autoencoder` scores the same pictures after a round trip
-through the model's VAE alone, to tell drawing errors from autoencoder losses; `--text-use`
-shows which caption words the UNet follows at all (see text_use).
+masked and redrawn from the target's caption (see edit_cases). `--autoencoder` scores the same
+pictures after a round trip through the model's VAE alone, to tell drawing errors from
+autoencoder losses; `--text-use` shows which caption words the UNet follows at all (see
+text_use).
 """
 
 from __future__ import annotations

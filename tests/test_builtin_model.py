@@ -279,6 +279,17 @@ def test_a_chain_of_runs_records_every_stage_to_make_it_again(trained, tmp_path)
     assert "earlier_stages" not in metadata(trained)
 
 
+def test_training_on_from_a_checkpoint_with_unreadable_training_records_is_refused(trained, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(trained), "pt") as f:
+        metadata = {**f.metadata(), "earlier_stages": "{not json"}
+    broken = tmp_path / "broken.safetensors"
+    save_file(load_file(str(trained)), str(broken), metadata=metadata)
+    with pytest.raises(SystemExit, match="cannot start from .*training records are unreadable"):
+        _train(tmp_path, "on-broken", 1, "--init-from", str(broken))
+
+
 def test_training_on_from_a_checkpoint_of_other_networks_is_refused(trained, tmp_path):
     with pytest.raises(SystemExit, match="cannot start from .*its networks differ"):
         _train(tmp_path, "other", 1, "--init-from", str(trained), "--unet-ch", "64")

@@ -17,8 +17,8 @@ from modules import img2img, metadata, pipeline
 from modules.config import Flags
 from modules.context import AppContext
 from modules.models.loader import load_checkpoint
-from modules.training import shapes_dataset
 from modules.request import GenerationRequest, Img2ImgRequest, RequestError
+from modules.training import shapes_dataset
 from modules.ui.img2img import mask_from_layers
 from tests.test_img2img import PROMPT, pixels, png, scene
 from tests.tiny import tiny_sd_model

@@ -263,17 +263,19 @@ class Trainer:
         """Start from a trained checkpoint of the same recipe's shapes: its autoencoder is kept
         (the latents are encoded again) and the UNet and text encoder train on from its weights."""
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
-        weights = load_file(str(path))
+        with safe_open(str(path), "pt") as f:
+            weights = {k: f.get_tensor(k).float() for k in f.keys()}
+            metadata = f.metadata() or {}
         try:
-            self.model.load_state_dict({k: v.float() for k, v in weights.items()})
+            self.model.load_state_dict(weights)
         except RuntimeError as error:
             raise SystemExit(f"cannot start from {path}: its networks differ from the recipe's ({error})")
-        with safe_open(str(path), "pt") as f:
-            metadata = f.metadata() or {}
-        self.state.update(stage="encode", step=0, initialised_from=path.name,
-                          earlier_stages=earlier_stages(metadata))
+        try:
+            stages = earlier_stages(metadata)
+        except (ValueError, AttributeError) as error:
+            raise SystemExit(f"cannot start from {path}: its metadata's training records are unreadable ({error})")
+        self.state.update(stage="encode", step=0, initialised_from=path.name, earlier_stages=stages)
         self.log(f"starting from the weights of {path}")
 
     def save(self) -> None:
