@@ -15,7 +15,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from modules.api import routes
-from modules.config import Flags, parse_flags
+from modules.app.config import Flags, parse_flags
 from modules.context import AppContext
 from modules.ui import extras as extras_tab
 from modules.ui import img2img as img2img_tab

@@ -30,9 +30,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from modules import img2img, pipeline  # noqa: E402
+from modules.generation import img2img, pipeline  # noqa: E402
+from modules.generation.request import GenerationRequest, Img2ImgRequest  # noqa: E402
 from modules.models.sd_model import diffusion_target, noised  # noqa: E402
-from modules.request import GenerationRequest, Img2ImgRequest  # noqa: E402
 from modules.training import shapes_dataset  # noqa: E402
 
 ATTRIBUTES = ("background", "colour", "shape", "position", "size")
@@ -46,7 +46,7 @@ def to_pixels(images: torch.Tensor) -> np.ndarray:
 
 def load_model(path: Path):
     """The checkpoint in the precision and on the device the web UI would use."""
-    from modules.config import Flags
+    from modules.app.config import Flags
     from modules.models.loader import load_checkpoint
     from modules.models.memory import DevicePolicy, place
 

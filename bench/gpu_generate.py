@@ -25,10 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.load import write_random_checkpoint  # noqa: E402
-from modules import pipeline  # noqa: E402
-from modules.config import Flags  # noqa: E402
+from modules.app.config import Flags  # noqa: E402
 from modules.context import AppContext  # noqa: E402
-from modules.request import GenerationRequest  # noqa: E402
+from modules.generation import pipeline  # noqa: E402
+from modules.generation.request import GenerationRequest  # noqa: E402
 
 MODES = {  # name -> the launch flags that select it
     "fp32": dict(no_half=True),

@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from modules.config import Flags, Paths  # noqa: E402
+from modules.app.config import Flags, Paths  # noqa: E402
 from modules.models import detect, loader  # noqa: E402
 from modules.models.memory import DevicePolicy, ModelManager  # noqa: E402
 

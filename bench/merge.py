@@ -30,9 +30,9 @@ def child(data_dir: Path, method: str | None) -> None:
     import torch
 
     torch.set_num_threads(2)
-    from modules import merger
-    from modules.config import Flags
+    from modules.app.config import Flags
     from modules.context import AppContext
+    from modules.models import merger
 
     ctx = AppContext.create(Flags(data_dir=data_dir, device="cpu"))
     seconds, written = 0.0, 0

@@ -26,7 +26,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.builtin_model_eval import DEFAULT_MODEL, generate, load_model  # noqa: E402
-from modules.embeddings import EmbeddingDatabase  # noqa: E402
+from modules.networks.embeddings import EmbeddingDatabase  # noqa: E402
 from modules.training import shapes_dataset as shapes  # noqa: E402
 from modules.training import textual_inversion as ti  # noqa: E402
 

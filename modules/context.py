@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from modules.config import Flags, Paths, Settings, load_settings, save_settings
-from modules.embeddings import EmbeddingDatabase
-from modules.jobs import JobQueue
-from modules.lora import LoraLibrary
+from modules.app.config import Flags, Paths, Settings, load_settings, save_settings
 from modules.models.memory import DevicePolicy, ModelManager
-from modules.styles import StyleLibrary
-from modules.upscalers import Tiling, Upscalers
+from modules.networks.embeddings import EmbeddingDatabase
+from modules.networks.lora import LoraLibrary
+from modules.postprocess.upscalers import Tiling, Upscalers
+from modules.prompting.styles import StyleLibrary
+from modules.service.jobs import JobQueue
 
 
 @dataclass

@@ -40,7 +40,7 @@ def data_dir(tiny_data_dir, tmp_path):
 @pytest.fixture
 def ctx(data_dir):
     """An AppContext on `data_dir`, on the CPU, as webui.py would build it."""
-    from modules.config import Flags
+    from modules.app.config import Flags
     from modules.context import AppContext
 
     return AppContext.create(Flags(data_dir=data_dir, device="cpu"))
@@ -62,7 +62,7 @@ def builtin_ctx(tmp_path_factory):
     import shutil
     from pathlib import Path
 
-    from modules.config import Flags
+    from modules.app.config import Flags
     from modules.context import AppContext
 
     root = tmp_path_factory.mktemp("builtin-data")

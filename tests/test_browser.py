@@ -113,7 +113,7 @@ def _pick(page, dropdown: str, option: str) -> None:
 
 
 def test_png_info_sends_parameters_to_txt2img_and_the_picture_to_extras(page, tmp_path):
-    from modules import storage
+    from modules.images import storage
 
     text = ("a blue square\nNegative prompt: red\nSteps: 7, Sampler: DPM++ 2M, Schedule type: Karras, "
             "CFG scale: 5.5, Seed: 1234, Size: 64x128, Model: tiny")
@@ -204,7 +204,7 @@ def test_train_tab_creates_an_embedding_and_stops_training_on_interrupt(page, ti
 def test_pasted_hires_parameters_run_the_hires_fix(page, tmp_path):
     from playwright.sync_api import expect
 
-    from modules import storage
+    from modules.images import storage
 
     text = ("a red star\nSteps: 3, Sampler: Euler, CFG scale: 7, Seed: 5, Size: 64x64, Model: tiny, "
             "Denoising strength: 0.4, Hires upscale: 1.5, Hires upscaler: Nearest")

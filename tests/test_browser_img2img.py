@@ -95,7 +95,7 @@ def test_painted_stroke_is_redrawn_and_nothing_else(page, tmp_path):
 
 
 def test_png_info_sends_the_picture_and_its_parameters_to_img2img(page, tmp_path):
-    from modules import storage
+    from modules.images import storage
 
     text = "a red circle\nSteps: 9, Sampler: Euler, CFG scale: 6, Seed: 77, Size: 64x64, Denoising strength: 0.35, Model: tiny"
     (tmp_path / "made.png").write_bytes(storage.png_bytes(Image.new("RGB", (64, 64), "blue"), text))
@@ -117,7 +117,7 @@ def test_png_info_sends_the_picture_and_its_parameters_to_img2img(page, tmp_path
 def test_png_info_sends_the_picture_to_inpaint(page, live_server, tmp_path):
     from playwright.sync_api import expect
 
-    from modules import storage
+    from modules.images import storage
 
     text = "a green square\nSteps: 4, Sampler: Euler, CFG scale: 6, Seed: 78, Size: 128x128, Model: tiny"
     picture = Image.new("RGB", (SIZE, SIZE), (30, 60, 200))

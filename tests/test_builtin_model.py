@@ -14,10 +14,10 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
-from modules import img2img
+from modules.generation import img2img
+from modules.generation.request import Img2ImgRequest
 from modules.models.loader import load_checkpoint
 from modules.models.sd_model import diffusion_target, noised, scaled_linear_alphas_cumprod
-from modules.request import Img2ImgRequest
 from modules.sampling.denoiser import model_denoiser
 from modules.training import builtin_model, shapes_dataset
 

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from modules.conditioning import (
+from modules.prompting.conditioning import (
     CONTEXT_TOKENS,
     EMPTY_CHUNK,
     Conditioning,
@@ -10,8 +10,8 @@ from modules.conditioning import (
     prompt_chunks,
     token_count,
 )
-from modules.prompt_parser import PromptError
-from modules.tokenizer import BOS_ID, EOS_ID, tokenize
+from modules.prompting.prompt_parser import PromptError
+from modules.prompting.tokenizer import BOS_ID, EOS_ID, tokenize
 from tests.tiny import tiny_sd_model
 
 HIDDEN = 32  # tiny CLIP width

@@ -10,13 +10,20 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
-from modules import pipeline
 from modules.api import routes
-from modules.conditioning import CHUNK_TOKENS, PLACEHOLDER_ID, embeddings_used, encode_prompts, prompt_chunks, token_count
-from modules.embeddings import EmbeddingDatabase, EmbeddingTable, read_embedding
+from modules.generation import pipeline
+from modules.generation.request import GenerationRequest
 from modules.models.loader import full_hash
-from modules.request import GenerationRequest
-from modules.tokenizer import tokenize
+from modules.networks.embeddings import EmbeddingDatabase, EmbeddingTable, read_embedding
+from modules.prompting.conditioning import (
+    CHUNK_TOKENS,
+    PLACEHOLDER_ID,
+    embeddings_used,
+    encode_prompts,
+    prompt_chunks,
+    token_count,
+)
+from modules.prompting.tokenizer import tokenize
 from tests.tiny import tiny_sd_model
 
 WIDTH = 32  # the tiny text encoder's

@@ -14,12 +14,13 @@ from fastapi.testclient import TestClient
 from PIL import ExifTags, Image
 from safetensors.torch import save_file
 
-from modules import extras, metadata, storage
 from modules.api import routes
-from modules.config import Flags
+from modules.app.config import Flags
 from modules.context import AppContext
-from modules.extras import ExtrasError, ExtrasInput, ExtrasRequest
-from modules.jobs import Job
+from modules.images import metadata, storage
+from modules.postprocess import extras
+from modules.postprocess.extras import ExtrasError, ExtrasInput, ExtrasRequest
+from modules.service.jobs import Job
 from tests.test_upscalers import tiny_esrgan_state
 
 INFOTEXT = metadata.format_infotext("a red circle", "blurry", {"Steps": 4, "Sampler": "Euler a", "Seed": 7, "Size": "64x32"})

@@ -24,8 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if __name__ == "__main__":
     sys.path.insert(0, str(ROOT))
 
-from modules import pipeline, storage  # noqa: E402
-from modules.request import GenerationRequest, Img2ImgRequest  # noqa: E402
+from modules.generation import pipeline  # noqa: E402
+from modules.generation.request import GenerationRequest, Img2ImgRequest  # noqa: E402
+from modules.images import storage
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 MANIFEST = GOLDEN / "manifest.json"
@@ -107,7 +108,7 @@ def write_references() -> None:
     import shutil
     import tempfile
 
-    from modules.config import Flags
+    from modules.app.config import Flags
     from modules.context import AppContext
 
     torch.set_num_threads(1)  # as conftest.py runs the tests

@@ -12,9 +12,11 @@ import pytest
 import torch
 from PIL import Image
 
-from modules import hires, img2img, metadata, pipeline, upscalers
-from modules.jobs import Job
-from modules.request import GenerationRequest, Img2ImgRequest, RequestError
+from modules.generation import hires, img2img, pipeline
+from modules.generation.request import GenerationRequest, Img2ImgRequest, RequestError
+from modules.images import metadata
+from modules.postprocess import upscalers
+from modules.service.jobs import Job
 
 PROMPT = "a large red circle on a blue background"
 

@@ -14,8 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from modules import img2img, img2img_batch, metadata, pipeline
-from modules.request import Img2ImgRequest, RequestError
+from modules.generation import img2img, img2img_batch, pipeline
+from modules.generation.request import Img2ImgRequest, RequestError
+from modules.images import metadata
 from modules.sampling.denoiser import model_denoiser
 from modules.sampling.registry import find_sampler
 from modules.sampling.schedules import get_sigmas, img2img_start

@@ -13,11 +13,12 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from modules import img2img, metadata, pipeline
-from modules.config import Flags
+from modules.app.config import Flags
 from modules.context import AppContext
+from modules.generation import img2img, pipeline
+from modules.generation.request import GenerationRequest, Img2ImgRequest, RequestError
+from modules.images import metadata
 from modules.models.loader import load_checkpoint
-from modules.request import GenerationRequest, Img2ImgRequest, RequestError
 from modules.training import shapes_dataset
 from modules.ui.img2img import mask_from_layers
 from tests.test_img2img import PROMPT, pixels, png, scene

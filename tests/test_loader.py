@@ -284,7 +284,7 @@ def test_model_hash_is_a1111s_short_sha256_and_is_cached(tmp_path, monkeypatch):
 def test_lowvram_block_streaming_leaves_the_unet_output_unchanged(tiny_data_dir):
     """The lowvram hooks move each UNet block in for its own forward and out after it, and do
     nothing else: the output equals the plain model's. The CPU stands in for the GPU here."""
-    from modules.config import Paths
+    from modules.app.config import Paths
     from modules.models.memory import DevicePolicy, ModelManager
 
     policy = DevicePolicy(torch.device("cpu"), torch.float32, torch.float32, "lowvram")

@@ -10,13 +10,14 @@ from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 from torch import nn
 
-from modules import lora, pipeline
 from modules.api import routes
-from modules.extra_networks import NetworkCall
-from modules.jobs import Job
+from modules.generation import pipeline
+from modules.generation.request import GenerationRequest, RequestError
 from modules.models.loader import addnet_hash
 from modules.models.unet import UNetModel
-from modules.request import GenerationRequest, RequestError
+from modules.networks import lora
+from modules.prompting.extra_networks import NetworkCall
+from modules.service.jobs import Job
 from tests.tiny import randomize_, tiny_sd_model
 
 # kohya name -> our module path, written out by hand for the tiny model (two levels, one ResBlock
@@ -301,7 +302,7 @@ def test_api_answers_prompt_errors_with_422(ctx, prompt, words):
 def test_on_the_gpu_every_offload_mode_gets_its_weights_back(data_dir, offload):
     """Half precision, with parts of the model moving between devices during the job: the LoRA
     and an embedding still work, and the weights afterwards equal those before."""
-    from modules.config import Flags
+    from modules.app.config import Flags
     from modules.context import AppContext
 
     ctx = AppContext.create(Flags(data_dir=data_dir, device="cuda", medvram=offload == "medvram", lowvram=offload == "lowvram"))

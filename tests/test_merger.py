@@ -12,13 +12,13 @@ import safetensors
 import torch
 from safetensors.torch import load_file, save_file
 
-from modules import merger, pipeline
-from modules.config import Flags
+from modules.app.config import Flags
 from modules.context import AppContext
-from modules.jobs import Job
-from modules.merger import Info, MergeError, MergeRequest, find_interpolation
-from modules.models import loader, safetensors_stream
-from modules.request import GenerationRequest
+from modules.generation import pipeline
+from modules.generation.request import GenerationRequest
+from modules.models import loader, merger, safetensors_stream
+from modules.models.merger import Info, MergeError, MergeRequest, find_interpolation
+from modules.service.jobs import Job
 from tests.tiny import tiny_sd_model
 
 M = 0.3

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from modules.metadata import (
+from modules.generation.request import GenerationRequest
+from modules.images.metadata import (
     format_infotext,
     infotext_params,
     parse_infotext,
@@ -17,7 +18,6 @@ from modules.metadata import (
     request_fields,
     request_from_infotext,
 )
-from modules.request import GenerationRequest
 
 ISSUE_EXAMPLE = (
     "a photo of a cat\n"
@@ -271,7 +271,7 @@ def test_garbage_never_raises(text):
 def test_reading_parameters_does_not_load_torch():
     root = Path(__file__).resolve().parents[1]
     code = (
-        "import sys; from modules import metadata; "
+        "import sys; from modules.images import metadata; "
         f"metadata.parse_infotext({A1111_WRITTEN!r}); "
         "sys.exit('torch' in sys.modules)"
     )

@@ -12,12 +12,12 @@ from fastapi.testclient import TestClient
 from PIL import ExifTags, Image
 from PIL.PngImagePlugin import PngInfo
 
-from modules import image_info, metadata, storage
 from modules.api import routes
-from modules.config import Flags
+from modules.app.config import Flags
 from modules.context import AppContext
-from modules.image_info import decode_user_comment, read_bytes
-from modules.request import GenerationRequest
+from modules.generation.request import GenerationRequest
+from modules.images import image_info, metadata, storage
+from modules.images.image_info import decode_user_comment, read_bytes
 from modules.ui.paste import field_values
 from modules.ui.png_info import info_html
 

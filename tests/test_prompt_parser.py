@@ -3,8 +3,8 @@ included), except where a case says it differs on purpose."""
 
 import pytest
 
-from modules.extra_networks import NetworkCall, parse_extra_networks
-from modules.prompt_parser import (
+from modules.prompting.extra_networks import NetworkCall, parse_extra_networks
+from modules.prompting.prompt_parser import (
     PromptError,
     get_prompt_schedule,
     parse_prompt_attention,

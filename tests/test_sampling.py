@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from modules.conditioning import Conditioning, ScheduledCond
 from modules.models.sd_model import DIFFUSION_TARGETS, diffusion_target, scaled_linear_alphas_cumprod
+from modules.prompting.conditioning import Conditioning, ScheduledCond
 from modules.sampling.denoiser import CFGDenoiser, EpsDenoiser, VDenoiser, model_denoiser
 from modules.sampling.noise import ImageNoise, ancestral_noise_sampler, brownian_noise_sampler, image_noise
 from modules.sampling.registry import (

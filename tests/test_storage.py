@@ -10,8 +10,8 @@ from datetime import date
 import pytest
 from PIL import Image
 
-from modules import storage
-from modules.storage import dated_dir, png_bytes, sanitize_prompt, save_image
+from modules.images import storage
+from modules.images.storage import dated_dir, png_bytes, sanitize_prompt, save_image
 
 INFOTEXT = "a cat\nNegative prompt: blurry\nSteps: 20, Sampler: Euler a, CFG scale: 7, Seed: 42, Size: 8x8"
 

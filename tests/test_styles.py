@@ -6,10 +6,10 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from modules import pipeline
 from modules.api import routes
-from modules.request import GenerationRequest, RequestError
-from modules.styles import PromptStyle, StyleLibrary, apply_styles, merge_prompts, read_styles, write_styles
+from modules.generation import pipeline
+from modules.generation.request import GenerationRequest, RequestError
+from modules.prompting.styles import PromptStyle, StyleLibrary, apply_styles, merge_prompts, read_styles, write_styles
 
 # A file as A1111 writes it (byte-order mark, minimal quoting) with an older "text" column row.
 A1111_FILE = (

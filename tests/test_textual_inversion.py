@@ -8,8 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from modules.jobs import Job
-from modules.tokenizer import tokenize
+from modules.prompting.tokenizer import tokenize
+from modules.service.jobs import Job
 from modules.training import textual_inversion as ti
 from tests.tiny import tiny_sd_model
 

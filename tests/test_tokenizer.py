@@ -3,7 +3,7 @@ import socket
 
 import pytest
 
-from modules.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, clip_tokenizer, read_vocabulary, tokenize, vocab_file
+from modules.prompting.tokenizer import BOS_ID, EOS_ID, VOCAB_SIZE, clip_tokenizer, read_vocabulary, tokenize, vocab_file
 
 
 def test_known_prompt_ids():

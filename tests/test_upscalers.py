@@ -11,8 +11,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from modules import upscalers
-from modules.upscalers import BUILTIN, LATENT_UPSCALE_MODES, Tiling, Upscalers, UpscalerError
+from modules.postprocess import upscalers
+from modules.postprocess.upscalers import BUILTIN, LATENT_UPSCALE_MODES, Tiling, UpscalerError, Upscalers
 
 
 def picture(width=20, height=14, seed=0) -> Image.Image:

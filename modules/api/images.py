@@ -7,7 +7,8 @@ import base64
 from fastapi import HTTPException
 from PIL import Image
 
-from modules import image_info, img2img, storage
+from modules.generation import img2img
+from modules.images import image_info, storage
 
 
 def encode_bytes(data: bytes) -> str:

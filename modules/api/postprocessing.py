@@ -8,11 +8,11 @@ from pathlib import Path
 
 from fastapi import APIRouter, HTTPException
 
-from modules import extras
 from modules.api import models as api
 from modules.api.images import decode_image, encode_bytes
-from modules.jobs import Job
-from modules.upscalers import LATENT_UPSCALE_MODES
+from modules.postprocess import extras
+from modules.postprocess.upscalers import LATENT_UPSCALE_MODES
+from modules.service.jobs import Job
 
 
 def request_from_body(body: api.ExtrasBody) -> extras.ExtrasRequest:

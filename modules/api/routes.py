@@ -7,15 +7,15 @@ import json
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
-from modules import image_info, img2img, metadata, pipeline
-from modules.api import training
 from modules.api import models as api
-from modules.api import postprocessing
+from modules.api import postprocessing, training
 from modules.api.images import decode_bytes, encode_png
-from modules.jobs import Job
-from modules.request import GenerationRequest, Img2ImgRequest, RequestError
+from modules.generation import img2img, pipeline
+from modules.generation.request import GenerationRequest, Img2ImgRequest, RequestError
+from modules.images import image_info, metadata
 from modules.sampling.registry import SAMPLERS
 from modules.sampling.schedules import SCHEDULES
+from modules.service.jobs import Job
 
 # override_settings keys A1111 clients use, and the request field each one sets.
 OVERRIDES = {

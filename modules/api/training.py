@@ -7,7 +7,7 @@ from pathlib import Path
 from fastapi import APIRouter, HTTPException
 from pydantic import BaseModel, ConfigDict
 
-from modules.jobs import Job
+from modules.service.jobs import Job
 from modules.training import textual_inversion as ti
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from modules.fileio import atomic_write_json
+from modules.app.fileio import atomic_write_json
 from modules.models import detect
 from modules.models.sd_model import SDModel, scaled_linear_alphas_cumprod
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from modules.config import Flags, Paths
+from modules.app.config import Flags, Paths
 from modules.models import loader
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")

@@ -47,11 +47,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from modules.conditioning import CONTEXT_TOKENS
-from modules.fileio import atomic_write
+from modules.app.fileio import atomic_write
 from modules.models.detect import ModelSpec
 from modules.models.sd_model import DIFFUSION_TARGETS, SDModel, diffusion_target, noised
-from modules.tokenizer import BOS_ID, EOS_ID, tokenize
+from modules.prompting.conditioning import CONTEXT_TOKENS
+from modules.prompting.tokenizer import BOS_ID, EOS_ID, tokenize
 from modules.training import shapes_dataset
 
 STATE_FILE = "state.pt"

@@ -27,12 +27,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from modules import embeddings, storage
-from modules.conditioning import CHUNK_TOKENS, PAD_ID
-from modules.fileio import atomic_write
-from modules.jobs import Job
+from modules.app.fileio import atomic_write
+from modules.images import storage
 from modules.models.sd_model import diffusion_target, noised
-from modules.tokenizer import BOS_ID, EOS_ID, tokenize
+from modules.networks import embeddings
+from modules.prompting.conditioning import CHUNK_TOKENS, PAD_ID
+from modules.prompting.tokenizer import BOS_ID, EOS_ID, tokenize
+from modules.service.jobs import Job
 from modules.training import ti_dataset
 from modules.training.lr_schedule import parse_schedule
 
@@ -334,8 +335,8 @@ def create_in_app(ctx, name: str, init_text: str, vectors: int, suffix: str = ".
 def train_in_app(ctx, options: TrainingOptions, job: Job | None = None) -> TrainingResult:
     """Trains with the selected checkpoint; previews are drawn as txt2img draws them, with the
     embedding as just saved, at the training size and a fixed seed so they can be compared."""
-    from modules import pipeline
-    from modules.request import GenerationRequest
+    from modules.generation import pipeline
+    from modules.generation.request import GenerationRequest
 
     sd_model = ctx.models.get()
     info = sd_model.checkpoint

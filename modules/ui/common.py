@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import gradio as gr
 
-from modules.jobs import Job
+from modules.service.jobs import Job
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import html
 
 import gradio as gr
 
-from modules import extras
-from modules.jobs import Job
+from modules.postprocess import extras
+from modules.service.jobs import Job
 from modules.ui.common import progress_html, run_with_progress
 from modules.ui.paste import PasteTarget
 

@@ -7,11 +7,11 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from modules import img2img, img2img_batch, pipeline
-from modules.jobs import Job
-from modules.request import Img2ImgRequest, RequestError
+from modules.generation import img2img, img2img_batch, pipeline
+from modules.generation.request import Img2ImgRequest, RequestError
 from modules.sampling.registry import SAMPLERS
 from modules.sampling.schedules import SCHEDULES
+from modules.service.jobs import Job
 from modules.ui.common import OutputPanel, PromptArea, SeedRow, wire_generation
 from modules.ui.paste import PasteTarget
 

@@ -7,8 +7,8 @@ import html
 
 import gradio as gr
 
-from modules import merger
-from modules.jobs import Job
+from modules.models import merger
+from modules.service.jobs import Job
 from modules.ui.common import progress_html, run_with_progress
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
-from modules import metadata
+from modules.images import metadata
 
 
 @dataclass

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from modules import image_info
+from modules.images import image_info
 from modules.ui.paste import PasteTarget, send_button
 
 

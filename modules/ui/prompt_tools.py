@@ -7,8 +7,8 @@ import html
 
 import gradio as gr
 
-from modules.embeddings import skipped_reason
-from modules.styles import PromptStyle
+from modules.networks.embeddings import skipped_reason
+from modules.prompting.styles import PromptStyle
 
 
 def build_styles(ctx, prompt: gr.Textbox, negative: gr.Textbox, tab: str) -> gr.Dropdown:

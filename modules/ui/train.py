@@ -6,11 +6,10 @@ import html
 
 import gradio as gr
 
-from modules.jobs import Job
+from modules.service.jobs import Job
 from modules.training import textual_inversion as ti
 from modules.training.ti_dataset import LATENT_SAMPLING
 from modules.ui.common import progress_html, run_with_progress
-
 
 DEFAULT_TEMPLATE = "subject_filewords.txt"
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import gradio as gr
 
-from modules import hires, pipeline, upscalers
-from modules.jobs import Job
-from modules.request import GenerationRequest, RequestError
+from modules.generation import hires, pipeline
+from modules.generation.request import GenerationRequest, RequestError
+from modules.postprocess import upscalers
 from modules.sampling.registry import SAMPLERS
 from modules.sampling.schedules import SCHEDULES
+from modules.service.jobs import Job
 from modules.ui import prompt_tools
 from modules.ui.common import OutputPanel, PromptArea, SeedRow, wire_generation
 

@@ -6,12 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modules import pipeline, storage
+from modules.app.fileio import atomic_write
 from modules.context import AppContext
-from modules.fileio import atomic_write
-from modules.img2img import read_image
-from modules.jobs import Job
-from modules.request import Img2ImgRequest, RequestError
+from modules.generation import pipeline
+from modules.generation.img2img import read_image
+from modules.generation.request import Img2ImgRequest, RequestError
+from modules.images import storage
+from modules.service.jobs import Job
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 

@@ -16,8 +16,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from modules.fileio import atomic_write
-from modules.request import GenerationRequest, RequestError
+from modules.app.fileio import atomic_write
+from modules.generation.request import GenerationRequest, RequestError
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,9 @@ from collections.abc import Callable
 
 import torch
 
-from modules import img2img, upscalers
-from modules.request import GenerationRequest
+from modules.generation import img2img
+from modules.generation.request import GenerationRequest
+from modules.postprocess import upscalers
 from modules.sampling.schedules import img2img_steps
 
 MAX_SCALE = 8.0

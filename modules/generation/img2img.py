@@ -34,11 +34,11 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 from scipy.ndimage import gaussian_filter1d
 
-from modules import image_info
+from modules.images import image_info
 from modules.sampling.noise import image_noise
 
 if TYPE_CHECKING:
-    from modules.request import Img2ImgRequest
+    from modules.generation.request import Img2ImgRequest
 
 MAX_IMAGE_SIDE = 16384
 MAX_IMAGE_PIXELS = 8192 * 8192

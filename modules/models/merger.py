@@ -30,11 +30,11 @@ from pathlib import Path
 
 import torch
 
-from modules import fileio
-from modules.jobs import Job
+from modules.app import fileio
+from modules.images.storage import ILLEGAL_CHARACTERS
 from modules.models import loader
 from modules.models import safetensors_stream as st
-from modules.storage import ILLEGAL_CHARACTERS
+from modules.service.jobs import Job
 
 FORMATS = ("safetensors", "ckpt")
 # Never merged, as in A1111: an integer index, the same in every SD 1.x file.

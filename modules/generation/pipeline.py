@@ -12,17 +12,19 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from modules import embeddings as ti
-from modules import hires, img2img, lora, metadata, storage
-from modules.conditioning import embeddings_used, encode_prompts
 from modules.context import AppContext
-from modules.extra_networks import strip_extra_networks
-from modules.jobs import Job, SamplingStopped
-from modules.request import GenerationRequest, Img2ImgRequest
+from modules.generation import hires, img2img
+from modules.generation.request import GenerationRequest, Img2ImgRequest
+from modules.images import metadata, storage
+from modules.networks import embeddings as ti
+from modules.networks import lora
+from modules.prompting.conditioning import embeddings_used, encode_prompts
+from modules.prompting.extra_networks import strip_extra_networks
 from modules.sampling.denoiser import CFGDenoiser, model_denoiser
 from modules.sampling.noise import image_noise
 from modules.sampling.registry import find_sampler, run_sampler
 from modules.sampling.schedules import get_sigmas, img2img_start, img2img_steps
+from modules.service.jobs import Job, SamplingStopped
 
 
 @dataclass

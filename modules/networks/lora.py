@@ -34,10 +34,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from modules.extra_networks import NetworkCall, parse_extra_networks
+from modules.generation.request import RequestError
 from modules.models import loader
 from modules.models.unet import Downsample, ResBlock, SpatialTransformer, Upsample
-from modules.request import RequestError
+from modules.prompting.extra_networks import NetworkCall, parse_extra_networks
 
 log = logging.getLogger(__name__)
 

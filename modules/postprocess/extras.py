@@ -18,9 +18,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from modules import image_info, metadata, storage
-from modules.jobs import Job
-from modules.upscalers import NONE, target_size
+from modules.images import image_info, metadata, storage
+from modules.postprocess.upscalers import NONE, target_size
+from modules.service.jobs import Job
 
 MODE = "extras"
 RESIZE_MODES = ("Scale by", "Scale to")  # A1111's resize_mode 0 and 1

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from modules.prompt_parser import PromptError
+from modules.prompting.prompt_parser import PromptError
 
 # A1111's pattern: a word, a colon, then anything up to the next ">".
 TAG = re.compile(r"<(\w+):([^>]+)>")

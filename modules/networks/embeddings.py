@@ -26,9 +26,9 @@ from pathlib import Path
 
 import torch
 
-from modules.conditioning import CHUNK_TOKENS
 from modules.models import loader
-from modules.tokenizer import tokenize
+from modules.prompting.conditioning import CHUNK_TOKENS
+from modules.prompting.tokenizer import tokenize
 
 log = logging.getLogger(__name__)
 

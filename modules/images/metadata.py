@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from modules.request import GenerationRequest
+    from modules.generation.request import GenerationRequest
 
 NEGATIVE_PREFIX = "Negative prompt:"
 
@@ -197,7 +197,7 @@ def _schedule(value: str) -> dict[str, object]:
 
 
 def _noise_source(value: str) -> dict[str, object]:
-    from modules.request import NOISE_SOURCES
+    from modules.generation.request import NOISE_SOURCES
 
     source = value.strip().upper()
     if source not in NOISE_SOURCES:
@@ -255,7 +255,7 @@ def _choice(name: str, choices: tuple[str, ...], convert: Callable[[int], object
 
 def _img2img_readers() -> dict[str, Callable[[str], dict[str, object]]]:
     # The option tables live with the img2img code, which imports torch; read them only when asked.
-    from modules.img2img import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT
+    from modules.generation.img2img import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT
 
     return {
         "Denoising strength": _field("denoising_strength", float),

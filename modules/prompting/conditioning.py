@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from modules import prompt_parser
-from modules.tokenizer import BOS_ID, EOS_ID, clip_tokenizer, tokenize
+from modules.prompting import prompt_parser
+from modules.prompting.tokenizer import BOS_ID, EOS_ID, clip_tokenizer, tokenize
 
 CHUNK_TOKENS = 75
 CONTEXT_TOKENS = CHUNK_TOKENS + 2

@@ -12,9 +12,9 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from modules import img2img
-from modules.extra_networks import parse_extra_networks
-from modules.prompt_parser import PromptError, validate_prompt
+from modules.generation import img2img
+from modules.prompting.extra_networks import parse_extra_networks
+from modules.prompting.prompt_parser import PromptError, validate_prompt
 from modules.sampling.registry import find_sampler
 from modules.sampling.schedules import find_schedule, img2img_steps
 
@@ -123,7 +123,7 @@ class GenerationRequest:
                             styles=tuple(self.styles), enable_hr=bool(self.enable_hr), **hires)
 
     def _hires_problems(self) -> list[str]:
-        from modules import hires
+        from modules.generation import hires
 
         problems = strength_problems(self.denoising_strength, hires.schedule_steps(self), self.sampler_name)
         if not isinstance(self.hr_upscaler, str) or not self.hr_upscaler:
