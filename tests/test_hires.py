@@ -12,8 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
+from modules.app.errors import RequestError
 from modules.generation import hires, img2img, pipeline
-from modules.generation.request import GenerationRequest, Img2ImgRequest, RequestError
+from modules.generation.request import GenerationRequest, Img2ImgRequest
 from modules.images import metadata
 from modules.postprocess import upscalers
 from modules.service.jobs import Job

@@ -14,9 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from modules.generation import img2img, img2img_batch, pipeline
-from modules.generation.request import Img2ImgRequest, RequestError
-from modules.images import metadata
+from modules.app.errors import RequestError
+from modules.generation import img2img, img2img_batch, options, pipeline
+from modules.generation.request import Img2ImgRequest
+from modules.images import metadata, pictures
 from modules.sampling.denoiser import model_denoiser
 from modules.sampling.registry import find_sampler
 from modules.sampling.schedules import get_sigmas, img2img_start
@@ -99,7 +100,7 @@ def test_result_is_saved_in_the_img2img_folder_with_its_parameters(builtin_ctx):
     assert "Mask blur" not in params  # only written when there is a mask
 
 
-@pytest.mark.parametrize("mode", range(len(img2img.RESIZE_MODES)))
+@pytest.mark.parametrize("mode", range(len(options.RESIZE_MODES)))
 def test_every_resize_mode_gives_the_asked_size(builtin_ctx, mode):
     wide = scene(size=64).resize((96, 48))
     out = pipeline.generate(builtin_ctx, request(init_images=(wide,), resize_mode=mode, width=64, height=80,
@@ -145,7 +146,7 @@ def halves(width=128, height=64) -> Image.Image:
 
 
 def test_crop_and_resize_keeps_the_centre():
-    out = pixels(img2img.resize(halves(), 1, 64, 64))
+    out = pixels(options.resize(halves(), 1, 64, 64))
     assert out.shape == (64, 64, 3)
     # 128x64 scaled to cover 64x64 is 128x64 already: the centre 64 columns stay, half red, half blue.
     assert (out[:, :30] == (255, 0, 0)).all() and (out[:, 34:] == (0, 0, 255)).all()
@@ -154,7 +155,7 @@ def test_crop_and_resize_keeps_the_centre():
 def test_resize_and_fill_repeats_the_edges_into_the_bands():
     picture = halves()
     picture.putpixel((10, 0), (0, 255, 0))
-    out = pixels(img2img.resize(picture, 2, 64, 64))
+    out = pixels(options.resize(picture, 2, 64, 64))
     # 128x64 fits as 64x32 in the middle; 16 rows above and below repeat its first and last row.
     assert out.shape == (64, 64, 3)
     middle = pixels(picture.resize((64, 32), Image.Resampling.LANCZOS))
@@ -165,14 +166,14 @@ def test_resize_and_fill_repeats_the_edges_into_the_bands():
 
 def test_just_resize_leaves_a_picture_of_the_right_size_untouched():
     picture = scene()
-    assert np.array_equal(pixels(img2img.resize(picture, 0, 64, 64)), pixels(picture))
+    assert np.array_equal(pixels(options.resize(picture, 0, 64, 64)), pixels(picture))
 
 
 def test_transparency_is_laid_onto_white():
     picture = Image.new("RGBA", (8, 8), (255, 0, 0, 255))
     picture.putpixel((0, 0), (0, 0, 255, 0))
     picture.putpixel((1, 0), (0, 0, 0, 128))
-    out = pixels(img2img.to_rgb(picture))
+    out = pixels(pictures.to_rgb(picture))
     assert tuple(out[0, 0]) == (255, 255, 255)
     assert tuple(out[0, 1]) == (127, 127, 127)
     assert tuple(out[4, 4]) == (255, 0, 0)
@@ -181,7 +182,7 @@ def test_transparency_is_laid_onto_white():
 def test_sixteen_bit_pictures_are_scaled_not_clipped():
     deep = Image.fromarray(np.full((8, 8), 65535 // 2, np.uint16))
     assert deep.mode == "I;16"
-    assert tuple(pixels(img2img.to_rgb(deep))[0, 0]) == (127, 127, 127)
+    assert tuple(pixels(pictures.to_rgb(deep))[0, 0]) == (127, 127, 127)
 
 
 def test_pictures_arrive_as_pil_bytes_base64_or_data_url():
@@ -189,7 +190,7 @@ def test_pictures_arrive_as_pil_bytes_base64_or_data_url():
     data = png(picture)
     encoded = base64.b64encode(data).decode()
     for given in (picture, data, encoded, "data:image/png;base64," + encoded):
-        assert np.array_equal(pixels(img2img.read_image(given)), pixels(picture))
+        assert np.array_equal(pixels(pictures.read_image(given)), pixels(picture))
 
 
 # ---- bad input: each gets its message ----

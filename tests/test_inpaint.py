@@ -14,10 +14,11 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from modules.app.config import Flags
+from modules.app.errors import RequestError
 from modules.context import AppContext
-from modules.generation import img2img, pipeline
-from modules.generation.request import GenerationRequest, Img2ImgRequest, RequestError
-from modules.images import metadata
+from modules.generation import img2img, options, pipeline
+from modules.generation.request import GenerationRequest, Img2ImgRequest
+from modules.images import metadata, pictures
 from modules.models.loader import load_checkpoint
 from modules.training import shapes_dataset
 from modules.ui.img2img import mask_from_layers
@@ -48,7 +49,7 @@ def inpaint(ctx, **fields) -> Img2ImgRequest:
 
 # ---- with the built-in model ----
 
-@pytest.mark.parametrize("content", range(len(img2img.MASKED_CONTENT)))
+@pytest.mark.parametrize("content", range(len(options.MASKED_CONTENT)))
 def test_only_the_masked_part_is_redrawn(builtin_ctx, content):
     picture = scene()
     # The prompt names what stays and the new background: the strip is the only place left to
@@ -114,7 +115,7 @@ def test_paste_back_puts_the_crop_where_it_came_from():
 
 def test_outpainting_grows_by_exactly_the_asked_pixels(builtin_ctx):
     picture = scene()
-    fields = img2img.outpaint_fields(16, 4, 0, ["left", "up"])
+    fields = options.outpaint_fields(16, 4, 0, ["left", "up"])
     result = pipeline.generate(builtin_ctx, Img2ImgRequest(prompt="a large red circle on a blue background", init_images=(picture,),
                                                            width=64, height=64, steps=8, seed=2, denoising_strength=0.8, **fields), save=False)
     out = pixels(result.images[0])
@@ -125,7 +126,7 @@ def test_outpainting_grows_by_exactly_the_asked_pixels(builtin_ctx):
     assert np.abs(out[:12, :12] - 0).mean() > 60  # the new border is drawn, not left black
     assert "Size: 80x80" in result.infotexts[0] and "Mask blur: 8, Masked content: fill" in result.infotexts[0]
     every_way = pipeline.generate(builtin_ctx, Img2ImgRequest(init_images=(picture,), width=64, height=64, steps=2,
-                                                              **img2img.outpaint_fields(8, 4, 1, img2img.OUTPAINT_DIRECTIONS)), save=False)
+                                                              **options.outpaint_fields(8, 4, 1, options.OUTPAINT_DIRECTIONS)), save=False)
     assert every_way.images[0].size == (80, 80)
 
 
@@ -136,7 +137,7 @@ def test_painted_layers_make_the_mask_whatever_their_colour():
     layer_a.putpixel((1, 1), (255, 255, 255, 255))
     layer_b = Image.new("RGBA", (16, 8), (0, 0, 0, 0))
     layer_b.putpixel((5, 2), (0, 0, 0, 200))
-    mask = img2img.binary_mask(mask_from_layers([layer_a, layer_b]))
+    mask = pictures.binary_mask(mask_from_layers([layer_a, layer_b]))
     assert np.argwhere(np.asarray(mask)).tolist() == [[1, 1], [2, 5]]
     assert mask_from_layers([Image.new("RGBA", (16, 8))]) is None
     assert mask_from_layers([]) is None
@@ -144,12 +145,12 @@ def test_painted_layers_make_the_mask_whatever_their_colour():
 
 def test_uploaded_masks_are_read_as_a1111_reads_them():
     grey = Image.fromarray(np.array([[0, 128, 129, 255]], np.uint8))
-    assert np.asarray(img2img.binary_mask(grey)).tolist() == [[0, 0, 255, 255]]
+    assert np.asarray(pictures.binary_mask(grey)).tolist() == [[0, 0, 255, 255]]
     rgb = Image.new("RGB", (4, 1), (255, 255, 255))
-    assert np.asarray(img2img.binary_mask(rgb)).tolist() == [[255] * 4]
+    assert np.asarray(pictures.binary_mask(rgb)).tolist() == [[255] * 4]
     transparent = Image.new("RGBA", (4, 1), (0, 0, 0, 0))
     transparent.putpixel((2, 0), (0, 0, 0, 255))  # painted in black: its opacity counts, not its colour
-    assert np.asarray(img2img.binary_mask(transparent)).tolist() == [[0, 0, 255, 0]]
+    assert np.asarray(pictures.binary_mask(transparent)).tolist() == [[0, 0, 255, 0]]
 
 
 def test_mask_of_another_size_is_scaled_when_it_has_the_same_shape():

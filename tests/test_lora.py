@@ -11,8 +11,9 @@ from safetensors.torch import save_file
 from torch import nn
 
 from modules.api import routes
+from modules.app.errors import RequestError
 from modules.generation import pipeline
-from modules.generation.request import GenerationRequest, RequestError
+from modules.generation.request import GenerationRequest
 from modules.models.loader import addnet_hash
 from modules.models.unet import UNetModel
 from modules.networks import lora

@@ -7,8 +7,9 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from modules.api import routes
+from modules.app.errors import RequestError
 from modules.generation import pipeline
-from modules.generation.request import GenerationRequest, RequestError
+from modules.generation.request import GenerationRequest
 from modules.prompting.styles import PromptStyle, StyleLibrary, apply_styles, merge_prompts, read_styles, write_styles
 
 # A file as A1111 writes it (byte-order mark, minimal quoting) with an older "text" column row.

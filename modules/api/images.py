@@ -7,8 +7,7 @@ import base64
 from fastapi import HTTPException
 from PIL import Image
 
-from modules.generation import img2img
-from modules.images import image_info, storage
+from modules.images import image_info, pictures, storage
 
 
 def encode_bytes(data: bytes) -> str:
@@ -22,7 +21,7 @@ def encode_png(image: Image.Image, infotext: str | None) -> str:
 def decode_bytes(data: str) -> bytes:
     """The bytes of a base64 string, with or without a data: URL prefix; HTTP 422 if it is not base64."""
     try:
-        return img2img.base64_bytes(data)
+        return pictures.base64_bytes(data)
     except ValueError as e:
         raise HTTPException(422, str(e))
 

@@ -10,8 +10,9 @@ from fastapi.responses import JSONResponse
 from modules.api import models as api
 from modules.api import postprocessing, training
 from modules.api.images import decode_bytes, encode_png
-from modules.generation import img2img, pipeline
-from modules.generation.request import GenerationRequest, Img2ImgRequest, RequestError
+from modules.app.errors import RequestError
+from modules.generation import options, pipeline
+from modules.generation.request import GenerationRequest, Img2ImgRequest
 from modules.images import image_info, metadata
 from modules.sampling.registry import SAMPLERS
 from modules.sampling.schedules import SCHEDULES
@@ -52,10 +53,10 @@ def img2img_request_from_body(body: api.Img2ImgBody) -> Img2ImgRequest:
         inpainting_mask_invert=body.inpainting_mask_invert,
     )
     if body.script_name:
-        if body.script_name.strip().lower() != img2img.OUTPAINT_SCRIPT.lower():
-            raise RequestError(f"script {body.script_name!r} is not available; img2img has: {img2img.OUTPAINT_SCRIPT}")
-        args = list(body.script_args[:4]) + list(img2img.OUTPAINT_DEFAULTS[len(body.script_args):])
-        fields.update(img2img.outpaint_fields(*args))
+        if body.script_name.strip().lower() != options.OUTPAINT_SCRIPT.lower():
+            raise RequestError(f"script {body.script_name!r} is not available; img2img has: {options.OUTPAINT_SCRIPT}")
+        args = list(body.script_args[:4]) + list(options.OUTPAINT_DEFAULTS[len(body.script_args):])
+        fields.update(options.outpaint_fields(*args))
     return Img2ImgRequest(**_common_fields(body), **fields)
 
 

@@ -1,8 +1,7 @@
 """img2img, inpainting and outpainting around the sampler, with A1111's semantics.
 
-Pictures in: `read_image` / `to_rgb` / `binary_mask` turn whatever a person or client sent into
-an RGB picture and a 0/255 mask, or say what is wrong with it (request.py calls them from
-validate()). `prepare(request)` then does the pixel work once per request:
+The request arrives validated, its pictures already read as RGB and its mask as 0/255 (see
+images/pictures.py). `prepare(request)` does the pixel work once per request:
 
 1. Outpainting puts the picture on a larger canvas and masks the new border.
 2. The mask is inverted ("Inpaint not masked") and blurred ("Mask blur").
@@ -21,12 +20,8 @@ so that every pixel outside the blurred mask is exactly the original's.
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -34,178 +29,18 @@ import torch.nn.functional as F
 from PIL import Image, ImageFilter, ImageOps
 from scipy.ndimage import gaussian_filter1d
 
-from modules.images import image_info
-from modules.sampling.noise import image_noise
-
-if TYPE_CHECKING:
-    from modules.generation.request import Img2ImgRequest
-
-MAX_IMAGE_SIDE = 16384
-MAX_IMAGE_PIXELS = 8192 * 8192
-BACKGROUND = (255, 255, 255)  # what transparent pixels become (A1111's img2img background colour)
-MASK_THRESHOLD = 128  # mask pixels above this are masked (A1111 rounds masks the same way)
-
-# A1111's names, in the order of its index values (the API sends the index).
-MASKED_CONTENT = ("fill", "original", "latent noise", "latent nothing")
-MASK_MODES = ("Inpaint masked", "Inpaint not masked")
-INPAINT_AREAS = ("Whole picture", "Only masked")
-OUTPAINT_DIRECTIONS = ("left", "right", "up", "down")
-
-# Pixel modes with 16 bits per sample: scaled to 8 bits rather than clipped as PIL would.
-_SIXTEEN_BIT = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
-_HAS_ALPHA = {"RGBA", "LA", "PA", "RGBa", "La"}
-
-
-# ---- reading pictures --------------------------------------------------------------------------
-
-def base64_bytes(text: str, what: str = "image") -> bytes:
-    """The bytes of base64 text, with or without a data: URL prefix; ValueError if it is not base64."""
-    if text.startswith("data:") and "," in text:
-        text = text.split(",", 1)[1]
-    try:
-        return base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as e:
-        raise ValueError(f"{what} is not valid base64: {e}") from None
-
-
-def read_image(data: Any, what: str = "image") -> Image.Image:
-    """A PIL image from a PIL image, file bytes or base64 text. Raises ValueError saying what
-    `what` is and why it cannot be used."""
-    if isinstance(data, str):
-        data = base64_bytes(data, what)
-    if isinstance(data, (bytes, bytearray)):
-        try:  # the header alone refuses a huge picture before it is decoded
-            header = Image.open(io.BytesIO(data))
-        except Exception:  # not a picture: image_info.read_bytes says what is wrong
-            header = None
-        if header is not None:
-            check_size(header, what)
-        data, info = image_info.read_bytes(bytes(data), what)
-        if data is None:
-            raise ValueError(info.error)
-    if not isinstance(data, Image.Image):
-        raise ValueError(f"{what} must be a picture, got {type(data).__name__}")
-    check_size(data, what)
-    return data
-
-
-def check_size(image: Image.Image, what: str = "image") -> None:
-    width, height = image.size
-    if width < 1 or height < 1:
-        raise ValueError(f"{what} is empty ({width}x{height})")
-    if max(width, height) > MAX_IMAGE_SIDE or width * height > MAX_IMAGE_PIXELS:
-        raise ValueError(
-            f"{what} is {width}x{height}, too large; the limit is {MAX_IMAGE_SIDE} pixels a side and "
-            f"{MAX_IMAGE_PIXELS // 1_000_000} megapixels. Scale it down first"
-        )
-
-
-def _eight_bit(image: Image.Image, what: str) -> Image.Image:
-    """The image in a mode PIL can convert to RGB or L without losing its brightness scale."""
-    if image.mode in _SIXTEEN_BIT:
-        values = np.asarray(image, dtype=np.float64) / 257.0
-        return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
-    if image.mode == "F":
-        raise ValueError(
-            f"{what} has 32-bit floating-point pixels (mode F), which have no fixed brightness range; "
-            "save it as an 8-bit PNG or JPEG"
-        )
-    return image
-
-
-def _has_alpha(image: Image.Image) -> bool:
-    return image.mode in _HAS_ALPHA or (image.mode == "P" and "transparency" in image.info)
-
-
-def to_rgb(image: Image.Image, what: str = "image") -> Image.Image:
-    """The picture as RGB; transparent pixels are laid onto white, as A1111 flattens them."""
-    image = _eight_bit(image, what)
-    try:
-        if _has_alpha(image):
-            flat = Image.new("RGBA", image.size, BACKGROUND + (255,))
-            flat.alpha_composite(image.convert("RGBA"))
-            return flat.convert("RGB")
-        return image if image.mode == "RGB" else image.convert("RGB")
-    except ValueError as e:
-        raise ValueError(f"{what} has pixel mode {image.mode}, which cannot be converted to RGB: {e}") from None
-
-
-def binary_mask(image: Image.Image, what: str = "mask") -> Image.Image:
-    """0/255 mask ("L"): the alpha channel where the picture has transparency (a painted layer),
-    else its brightness; anything above half is masked."""
-    image = _eight_bit(image, what)
-    try:
-        if _has_alpha(image):
-            alpha = image.convert("RGBA").getchannel("A")
-            grey = alpha if alpha.getextrema() != (255, 255) else image.convert("L")
-        else:
-            grey = image.convert("L")
-    except ValueError as e:
-        raise ValueError(f"{what} has pixel mode {image.mode}, which cannot be read as a mask: {e}") from None
-    return grey.point(lambda v: 255 if v > MASK_THRESHOLD else 0)
-
-
-def fit_mask(mask: Image.Image, size: tuple[int, int]) -> Image.Image:
-    """The mask at `size` when it has the same shape (a mask drawn on a scaled copy); ValueError otherwise."""
-    if mask.size == size:
-        return mask
-    (mw, mh), (w, h) = mask.size, size
-    if abs(mw / mh - w / h) > 0.01 * (w / h):
-        raise ValueError(f"the mask is {mw}x{mh} but the image is {w}x{h}; they must have the same size or shape")
-    return binary_mask(mask.resize(size, Image.Resampling.BILINEAR))
-
-
-# ---- resize modes ------------------------------------------------------------------------------
-
-def _resized(image: Image.Image, width: int, height: int) -> Image.Image:
-    if image.size == (width, height):
-        return image.copy()
-    return image.resize((width, height), Image.Resampling.LANCZOS)
-
-
-def _crop_and_resize(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Scaled to cover the target, centred, the overhang cut off."""
-    if width / height > image.width / image.height:
-        w, h = width, image.height * width // image.width
-    else:
-        w, h = image.width * height // image.height, height
-    out = Image.new(image.mode, (width, height))
-    out.paste(_resized(image, w, h), (width // 2 - w // 2, height // 2 - h // 2))
-    return out
-
-
-def _resize_and_fill(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Scaled to fit inside the target, centred, the empty bands filled by repeating the edge
-    rows or columns outwards."""
-    if width / height < image.width / image.height:
-        w, h = width, image.height * width // image.width
-    else:
-        w, h = image.width * height // image.height, height
-    w, h = max(w, 1), max(h, 1)
-    left, top = width // 2 - w // 2, height // 2 - h // 2
-    pixels = np.asarray(_resized(image, w, h))
-    pad = ((top, height - h - top), (left, width - w - left)) + ((0, 0),) * (pixels.ndim - 2)
-    return Image.fromarray(np.pad(pixels, pad, mode="edge"), image.mode)
-
-
-@dataclass(frozen=True)
-class ResizeMode:
-    name: str  # A1111's label; its index in RESIZE_MODES is the API's resize_mode
-    resize: Callable[[Image.Image, int, int], Image.Image]
-    latent: bool = False  # encode at the picture's own size and scale the latent instead
-
-
-RESIZE_MODES: tuple[ResizeMode, ...] = (
-    ResizeMode("Just resize", _resized),
-    ResizeMode("Crop and resize", _crop_and_resize),
-    ResizeMode("Resize and fill", _resize_and_fill),
-    ResizeMode("Just resize (latent upscale)", _resized, latent=True),
+from modules.generation.options import (
+    INPAINT_AREAS,
+    MASK_MODES,
+    MASKED_CONTENT,
+    OUTPAINT_DIRECTIONS,
+    RESIZE_MODES,
+    crop_and_resize,
+    just_resize,
+    resize_and_fill,
 )
-
-
-def resize(image: Image.Image, mode: int, width: int, height: int) -> Image.Image:
-    return RESIZE_MODES[mode].resize(image, width, height)
-
+from modules.generation.request import Img2ImgRequest
+from modules.sampling.noise import image_noise
 
 # ---- masks -------------------------------------------------------------------------------------
 
@@ -413,7 +248,7 @@ def composite(generated: Image.Image, original: Image.Image, overlay: Image.Imag
     if paste_box is not None:
         x, y, w, h = paste_box
         placed = original.copy()
-        placed.paste(_crop_and_resize(generated, w, h), (x, y))
+        placed.paste(crop_and_resize(generated, w, h), (x, y))
         generated = placed
     weight = np.asarray(overlay, dtype=np.float32)[..., None] / 255.0
     base = np.asarray(original, dtype=np.float32)
@@ -440,7 +275,7 @@ def prepare(request: Img2ImgRequest) -> Prepared:
 
     if mask is None:
         if mode.latent:
-            pictures = [_resized(p, *_multiple_of_8(p.size)) for p in pictures]
+            pictures = [just_resize(p, *_multiple_of_8(p.size)) for p in pictures]
         else:
             pictures = [mode.resize(p, width, height) for p in pictures]
         return Prepared(pictures, (width, height), request.denoising_strength, latent_upscale=mode.latent)
@@ -459,12 +294,12 @@ def prepare(request: Img2ImgRequest) -> Prepared:
         x1, y1, x2, y2 = match_aspect(box, width, height, mask.size)
         paste_box = (x1, y1, x2 - x1, y2 - y1)
         originals, overlay = pictures, mask
-        sampling_mask = _resize_and_fill(mask.crop((x1, y1, x2, y2)), width, height)
-        pictures = [_resize_and_fill(p.crop((x1, y1, x2, y2)), width, height) for p in pictures]
+        sampling_mask = resize_and_fill(mask.crop((x1, y1, x2, y2)), width, height)
+        pictures = [resize_and_fill(p.crop((x1, y1, x2, y2)), width, height) for p in pictures]
         params.update({"Inpaint area": INPAINT_AREAS[1], "Masked area padding": request.inpaint_full_res_padding})
     else:
         # With a mask, latent upscale scales pixels like "Just resize": mask and picture must line up.
-        fit = mode.resize if not mode.latent else _resized
+        fit = mode.resize if not mode.latent else just_resize
         sampling_mask = fit(mask, width, height)
         pictures = [fit(p, width, height) for p in pictures]
         originals = pictures
@@ -486,24 +321,3 @@ def prepare(request: Img2ImgRequest) -> Prepared:
 
 def _multiple_of_8(size: tuple[int, int]) -> tuple[int, int]:
     return tuple(max(8, round(side / 8) * 8) for side in size)
-
-
-# ---- A1111's "Poor man's outpainting" script ---------------------------------------------------
-
-OUTPAINT_SCRIPT = "Poor man's outpainting"
-# The script's own controls and defaults, in the order of its arguments (A1111's script_args).
-OUTPAINT_DEFAULTS = (128, 4, 0, OUTPAINT_DIRECTIONS)  # pixels, mask blur, masked content (fill), directions
-
-
-def outpaint_fields(pixels: Any, mask_blur: Any, masked_content: Any, directions: Any) -> dict[str, object]:
-    """Img2ImgRequest fields for the script's arguments. As in A1111 the script blurs the mask
-    twice as much as its slider says, always works on the whole picture, and the request's own
-    mask options do not apply."""
-    return {
-        "outpaint_pixels": pixels,
-        "mask_blur": mask_blur * 2 if isinstance(mask_blur, int) and not isinstance(mask_blur, bool) else mask_blur,
-        "inpainting_fill": masked_content,
-        "outpaint_directions": tuple(directions) if isinstance(directions, (list, tuple)) else directions,
-        "inpaint_full_res": False,
-        "inpainting_mask_invert": 0,
-    }

@@ -6,12 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from modules.app.errors import RequestError
 from modules.app.fileio import atomic_write
 from modules.context import AppContext
 from modules.generation import pipeline
-from modules.generation.img2img import read_image
-from modules.generation.request import Img2ImgRequest, RequestError
+from modules.generation.request import Img2ImgRequest
 from modules.images import storage
+from modules.images.pictures import read_image
 from modules.service.jobs import Job
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")

@@ -12,7 +12,9 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
-from modules.generation import img2img
+from modules.app.errors import RequestError
+from modules.generation import options
+from modules.images import pictures
 from modules.prompting.extra_networks import parse_extra_networks
 from modules.prompting.prompt_parser import PromptError, validate_prompt
 from modules.sampling.registry import find_sampler
@@ -24,10 +26,6 @@ MAX_STEPS = 150
 MAX_BATCH_SIZE = 8
 MAX_BATCH_COUNT = 100
 NOISE_SOURCES = ("CPU", "GPU")
-
-
-class RequestError(ValueError):
-    """A request a person has to fix; the message says which field and why."""
 
 
 @dataclass(frozen=True)
@@ -186,15 +184,15 @@ class Img2ImgRequest(GenerationRequest):
     init_images: tuple = ()
     mask: Any = None  # white (or painted, for a picture with transparency) = regenerate
     denoising_strength: float = 0.75
-    resize_mode: int = 0  # index into img2img.RESIZE_MODES
+    resize_mode: int = 0  # index into options.RESIZE_MODES
     mask_blur: int = 4
-    inpainting_fill: int = 1  # index into img2img.MASKED_CONTENT; 1: original
+    inpainting_fill: int = 1  # index into options.MASKED_CONTENT; 1: original
     inpaint_full_res: bool = False  # "Inpaint area": False whole picture, True only masked
     inpaint_full_res_padding: int = 32
     inpainting_mask_invert: int = 0  # "Mask mode": 0 inpaint masked, 1 inpaint not masked
     inpainting_mask_weight: float = 1.0  # "Conditional mask weight" (inpainting models)
     outpaint_pixels: int = 0  # "Poor man's outpainting": 0 off, else pixels added per direction
-    outpaint_directions: tuple[str, ...] = img2img.OUTPAINT_DIRECTIONS
+    outpaint_directions: tuple[str, ...] = options.OUTPAINT_DIRECTIONS
 
     mode = "img2img"
 
@@ -215,7 +213,7 @@ class Img2ImgRequest(GenerationRequest):
         if self.outpaint_pixels and mask is not None:
             problems.append("outpainting makes its own mask; send no mask with it")
         if not problems and self.outpaint_pixels:
-            left, right, up, down = (self.outpaint_pixels if d in self.outpaint_directions else 0 for d in img2img.OUTPAINT_DIRECTIONS)
+            left, right, up, down = (self.outpaint_pixels if d in self.outpaint_directions else 0 for d in options.OUTPAINT_DIRECTIONS)
             width, height = self.width + left + right, self.height + up + down
             if max(width, height) > MAX_SIDE:
                 problems.append(f"the outpainted picture would be {width}x{height}; at most {MAX_SIDE} a side")
@@ -248,7 +246,7 @@ class Img2ImgRequest(GenerationRequest):
         for i, data in enumerate(self.init_images):
             what = "the init image" if len(self.init_images) == 1 else f"init image {i + 1}"
             try:
-                images.append(img2img.to_rgb(img2img.read_image(data, what), what))
+                images.append(pictures.to_rgb(pictures.read_image(data, what), what))
             except ValueError as e:
                 problems.append(str(e))
         if self.mask is None or not images or len(images) < len(self.init_images):
@@ -258,8 +256,8 @@ class Img2ImgRequest(GenerationRequest):
             problems.append("with a mask, every init image must have the same size")
             return images, None
         try:
-            mask = img2img.binary_mask(img2img.read_image(self.mask, "the mask"))
-            return images, img2img.fit_mask(mask, size)
+            mask = pictures.binary_mask(pictures.read_image(self.mask, "the mask"))
+            return images, pictures.fit_mask(mask, size)
         except ValueError as e:
             problems.append(str(e))
             return images, None
@@ -272,9 +270,9 @@ class Img2ImgRequest(GenerationRequest):
         if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
             problems.append(f"inpainting_mask_weight must be a number from 0 to 1, got {weight!r}")
         for name, value, choices in (
-            ("resize_mode", self.resize_mode, [m.name for m in img2img.RESIZE_MODES]),
-            ("inpainting_fill", self.inpainting_fill, img2img.MASKED_CONTENT),
-            ("inpainting_mask_invert", self.inpainting_mask_invert, img2img.MASK_MODES),
+            ("resize_mode", self.resize_mode, [m.name for m in options.RESIZE_MODES]),
+            ("inpainting_fill", self.inpainting_fill, options.MASKED_CONTENT),
+            ("inpainting_mask_invert", self.inpainting_mask_invert, options.MASK_MODES),
         ):
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(choices):
                 listed = ", ".join(f"{i} ({c})" for i, c in enumerate(choices))
@@ -293,7 +291,7 @@ class Img2ImgRequest(GenerationRequest):
         directions = self.outpaint_directions
         if self.outpaint_pixels and (
             isinstance(directions, str) or not isinstance(directions, (tuple, list)) or not directions
-            or any(d not in img2img.OUTPAINT_DIRECTIONS for d in directions)
+            or any(d not in options.OUTPAINT_DIRECTIONS for d in directions)
         ):
-            problems.append(f"outpaint_directions must be one or more of {', '.join(img2img.OUTPAINT_DIRECTIONS)}; got {directions!r}")
+            problems.append(f"outpaint_directions must be one or more of {', '.join(options.OUTPAINT_DIRECTIONS)}; got {directions!r}")
         return problems

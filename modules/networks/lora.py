@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from modules.generation.request import RequestError
+from modules.app.errors import RequestError
 from modules.models import loader
 from modules.models.unet import Downsample, ResBlock, SpatialTransformer, Upsample
 from modules.prompting.extra_networks import NetworkCall, parse_extra_networks

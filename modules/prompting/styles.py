@@ -16,8 +16,9 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from modules.app.errors import RequestError
 from modules.app.fileio import atomic_write
-from modules.generation.request import GenerationRequest, RequestError
+from modules.generation.request import GenerationRequest
 
 log = logging.getLogger(__name__)
 

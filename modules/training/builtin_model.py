@@ -39,7 +39,7 @@ import math
 import random
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -255,7 +255,7 @@ class Trainer:
             prefix = "first_stage_model."
             self.model.first_stage_model.load_state_dict(
                 {k[len(prefix):]: v for k, v in saved["model"].items() if k.startswith(prefix)})
-            self.log(f"keeping the trained autoencoder; UNet and text encoder start from the new recipe")
+            self.log("keeping the trained autoencoder; UNet and text encoder start from the new recipe")
         self.state = state
         self.log(f"resumed from {path}: stage {self.state['stage']}, step {self.state['step']}")
 

@@ -7,8 +7,9 @@ import gradio as gr
 import numpy as np
 from PIL import Image
 
-from modules.generation import img2img, img2img_batch, pipeline
-from modules.generation.request import Img2ImgRequest, RequestError
+from modules.app.errors import RequestError
+from modules.generation import img2img_batch, options, pipeline
+from modules.generation.request import Img2ImgRequest
 from modules.sampling.registry import SAMPLERS
 from modules.sampling.schedules import SCHEDULES
 from modules.service.jobs import Job
@@ -18,7 +19,7 @@ from modules.ui.paste import PasteTarget
 # The source tabs, in order: the index is what the tab's select event stores.
 SOURCES = ("img2img", "Inpaint", "Inpaint upload", "Batch")
 INPAINTING_SOURCES = (1, 2, 3)
-SCRIPTS = ("None", img2img.OUTPAINT_SCRIPT)
+SCRIPTS = ("None", options.OUTPAINT_SCRIPT)
 SIDE_RANGE = (64, 2048)
 
 
@@ -71,16 +72,16 @@ def build(ctx, checkpoint: gr.Dropdown) -> tuple[PasteTarget, PasteTarget]:
                     output_dir = gr.Textbox(label="Output directory (empty: outputs/img2img-images)", elem_id="img2img_batch_output_dir")
                     mask_dir = gr.Textbox(label="Inpaint batch mask directory (optional: masks named like the pictures)",
                                           elem_id="img2img_batch_inpaint_mask_dir")
-            resize_mode = gr.Radio([m.name for m in img2img.RESIZE_MODES], value=img2img.RESIZE_MODES[defaults.resize_mode].name,
+            resize_mode = gr.Radio([m.name for m in options.RESIZE_MODES], value=options.RESIZE_MODES[defaults.resize_mode].name,
                                    type="index", label="Resize mode", elem_id="img2img_resize_mode")
             with gr.Group(visible=False) as inpaint_options:
                 mask_blur = gr.Slider(0, 64, value=defaults.mask_blur, step=1, label="Mask blur", elem_id="img2img_mask_blur")
-                mask_mode = gr.Radio(list(img2img.MASK_MODES), value=img2img.MASK_MODES[0], type="index", label="Mask mode",
+                mask_mode = gr.Radio(list(options.MASK_MODES), value=options.MASK_MODES[0], type="index", label="Mask mode",
                                      elem_id="img2img_mask_mode")
-                masked_content = gr.Radio(list(img2img.MASKED_CONTENT), value=img2img.MASKED_CONTENT[defaults.inpainting_fill],
+                masked_content = gr.Radio(list(options.MASKED_CONTENT), value=options.MASKED_CONTENT[defaults.inpainting_fill],
                                           type="index", label="Masked content", elem_id="img2img_inpainting_fill")
                 with gr.Row():
-                    inpaint_area = gr.Radio(list(img2img.INPAINT_AREAS), value=img2img.INPAINT_AREAS[0], type="index",
+                    inpaint_area = gr.Radio(list(options.INPAINT_AREAS), value=options.INPAINT_AREAS[0], type="index",
                                             label="Inpaint area", elem_id="img2img_inpaint_full_res")
                     padding = gr.Slider(0, 256, value=defaults.inpaint_full_res_padding, step=4, label="Only masked padding, pixels",
                                         elem_id="img2img_inpaint_full_res_padding")
@@ -105,13 +106,13 @@ def build(ctx, checkpoint: gr.Dropdown) -> tuple[PasteTarget, PasteTarget]:
                 mask_weight = gr.Slider(0, 1, value=defaults.inpainting_mask_weight, step=0.01,
                                         label="Conditional mask weight (inpainting models)", elem_id="img2img_inpainting_mask_weight")
             script = gr.Dropdown(list(SCRIPTS), value=SCRIPTS[0], label="Script", elem_id="img2img_script")
-            pixels_default, blur_default, content_default, directions_default = img2img.OUTPAINT_DEFAULTS
+            pixels_default, blur_default, content_default, directions_default = options.OUTPAINT_DEFAULTS
             with gr.Group(visible=False) as outpaint_options:
                 out_pixels = gr.Slider(8, 256, value=pixels_default, step=8, label="Pixels to expand", elem_id="img2img_outpaint_pixels")
                 out_blur = gr.Slider(0, 64, value=blur_default, step=1, label="Mask blur", elem_id="img2img_outpaint_mask_blur")
-                out_content = gr.Radio(list(img2img.MASKED_CONTENT), value=img2img.MASKED_CONTENT[content_default], type="index",
+                out_content = gr.Radio(list(options.MASKED_CONTENT), value=options.MASKED_CONTENT[content_default], type="index",
                                        label="Masked content", elem_id="img2img_outpaint_masked_content")
-                out_directions = gr.CheckboxGroup(list(img2img.OUTPAINT_DIRECTIONS), value=list(directions_default),
+                out_directions = gr.CheckboxGroup(list(options.OUTPAINT_DIRECTIONS), value=list(directions_default),
                                                   label="Outpainting direction", elem_id="img2img_outpaint_directions")
         with gr.Column():
             out = OutputPanel.build("img2img")
@@ -145,8 +146,8 @@ def build(ctx, checkpoint: gr.Dropdown) -> tuple[PasteTarget, PasteTarget]:
             inpaint_full_res_padding=int(v[padding]), inpainting_mask_invert=v[mask_mode],
             inpainting_mask_weight=float(v[mask_weight]),
         )
-        if v[script] == img2img.OUTPAINT_SCRIPT:
-            fields.update(img2img.outpaint_fields(int(v[out_pixels]), int(v[out_blur]), v[out_content], v[out_directions]))
+        if v[script] == options.OUTPAINT_SCRIPT:
+            fields.update(options.outpaint_fields(int(v[out_pixels]), int(v[out_blur]), v[out_content], v[out_directions]))
         return Img2ImgRequest(**fields)
 
     def run(v: dict):
@@ -176,7 +177,7 @@ def build(ctx, checkpoint: gr.Dropdown) -> tuple[PasteTarget, PasteTarget]:
     # Queued, unlike the others: the editor sends its picture as separate uploads, which an
     # unqueued event did not receive.
     editor.upload(lambda value: size_of((value or {}).get("background")), inputs=editor, outputs=[width, height])
-    script.change(lambda name: gr.update(visible=name == img2img.OUTPAINT_SCRIPT), inputs=script, outputs=outpaint_options, queue=False)
+    script.change(lambda name: gr.update(visible=name == options.OUTPAINT_SCRIPT), inputs=script, outputs=outpaint_options, queue=False)
     # Pasted parameters (PNG Info's "Send to img2img") land in the widgets of the request fields
     # they name; the picture goes to the img2img source.
     fields = {"prompt": prompt, "negative_prompt": negative, "sampler_name": sampler, "scheduler": scheduler,

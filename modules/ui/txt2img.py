@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import gradio as gr
 
+from modules.app.errors import RequestError
 from modules.generation import hires, pipeline
-from modules.generation.request import GenerationRequest, RequestError
+from modules.generation.request import GenerationRequest
 from modules.postprocess import upscalers
 from modules.sampling.registry import SAMPLERS
 from modules.sampling.schedules import SCHEDULES
