@@ -44,8 +44,8 @@ def pixels(image: Image.Image) -> np.ndarray:
 ])
 def test_sizes(size, fields, cover, target):
     request = GenerationRequest(width=size[0], height=size[1], enable_hr=True, **fields)
-    assert hires.cover_size(request) == cover
-    assert hires.target_size(request) == target
+    assert request.hr_cover_size() == cover
+    assert request.hr_target_size() == target
 
 
 def test_second_pass_steps_follow_the_strength():

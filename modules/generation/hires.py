@@ -4,7 +4,8 @@ The first pass samples at the request's width x height. Its latents are upscaled
 space by one of the latent modes or as pixels by an upscaler and encoded again, to cover the
 target size, and cropped to it. The second pass samples them as img2img does: from part-way down
 a schedule of `hr_second_pass_steps` (or `steps`) steps, by `denoising_strength`, with noise from
-the same seeds. The infotext keeps the first pass's "Size" (see metadata.infotext_params).
+the same seeds. The sizes and steps follow from the request alone (GenerationRequest.hr_*). The
+infotext keeps the first pass's "Size" (see metadata.infotext_params).
 """
 
 from __future__ import annotations
@@ -18,46 +19,16 @@ from modules.generation.request import GenerationRequest
 from modules.postprocess import upscalers
 from modules.sampling.schedules import img2img_steps
 
-MAX_SCALE = 8.0
-# Sizes are kept to multiples of this, as every size the UI and API accept.
-SIZE_STEP = 8
-
-
-def _floor(value: float) -> int:
-    return int(value) // SIZE_STEP * SIZE_STEP
-
-
-def cover_size(request: GenerationRequest) -> tuple[int, int]:
-    """(width, height) the first pass is upscaled to: by hr_scale, or to hr_resize_x/y. With
-    both given and another aspect ratio, the size that covers them (cropped after), as A1111."""
-    width, height, x, y = request.width, request.height, request.hr_resize_x, request.hr_resize_y
-    if not x and not y:
-        return _floor(width * request.hr_scale), _floor(height * request.hr_scale)
-    if not y or (x and width / height < x / y):
-        return x, _floor(x * height / width)
-    return _floor(y * width / height), y
-
-
-def target_size(request: GenerationRequest) -> tuple[int, int]:
-    """(width, height) of the final pictures."""
-    width, height = cover_size(request)
-    return request.hr_resize_x or width, request.hr_resize_y or height
-
-
-def schedule_steps(request: GenerationRequest) -> int:
-    """The steps of the second pass's schedule, of which img2img's rule samples the last ones."""
-    return request.hr_second_pass_steps or request.steps
-
 
 def second_pass_request(request: GenerationRequest) -> GenerationRequest:
     """The second pass as a request of its own: the target size and the hires steps."""
-    width, height = target_size(request)
-    return request.replace(width=width, height=height, steps=schedule_steps(request), enable_hr=False)
+    width, height = request.hr_target_size()
+    return request.replace(width=width, height=height, steps=request.hr_schedule_steps(), enable_hr=False)
 
 
 def sampling_steps(request: GenerationRequest) -> int:
     """The steps the second pass samples (img2img's rule)."""
-    return img2img_steps(schedule_steps(request), request.denoising_strength)
+    return img2img_steps(request.hr_schedule_steps(), request.denoising_strength)
 
 
 def check_upscaler(request: GenerationRequest, available: upscalers.Upscalers) -> None:
@@ -74,14 +45,14 @@ def upscale(sd_model, latents: torch.Tensor, request: GenerationRequest, availab
             to_images: Callable[[torch.Tensor], list], encode: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """First-pass latents -> latents of the target size. `to_images` decodes latents to pictures
     and `encode` turns [-1, 1] pixels into latents, each with the VAE in place."""
-    cover_w, cover_h = cover_size(request)
+    cover_w, cover_h = request.hr_cover_size()
     mode = upscalers.find_latent_mode(request.hr_upscaler)
     if mode is not None:
         upscaled = upscalers.upscale_latent(latents, mode, cover_h // sd_model.downscale, cover_w // sd_model.downscale)
     else:
         pictures = [available.upscale(p, request.hr_upscaler, cover_w, cover_h) for p in to_images(latents)]
         upscaled = encode(img2img.to_tensor(pictures).to(latents.device, latents.dtype))
-    width, height = target_size(request)
+    width, height = request.hr_target_size()
     drop_h = upscaled.shape[2] - height // sd_model.downscale
     drop_w = upscaled.shape[3] - width // sd_model.downscale
     return upscaled[:, :, drop_h // 2:upscaled.shape[2] - (drop_h + 1) // 2, drop_w // 2:upscaled.shape[3] - (drop_w + 1) // 2]

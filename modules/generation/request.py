@@ -25,6 +25,9 @@ MAX_SIDE = 4096
 MAX_STEPS = 150
 MAX_BATCH_SIZE = 8
 MAX_BATCH_COUNT = 100
+MAX_HR_SCALE = 8.0
+# Sizes are kept to multiples of this, as every size the UI and API accept.
+SIZE_STEP = 8
 NOISE_SOURCES = ("CPU", "GPU")
 
 
@@ -121,14 +124,12 @@ class GenerationRequest:
                             styles=tuple(self.styles), enable_hr=bool(self.enable_hr), **hires)
 
     def _hires_problems(self) -> list[str]:
-        from modules.generation import hires
-
-        problems = strength_problems(self.denoising_strength, hires.schedule_steps(self), self.sampler_name)
+        problems = strength_problems(self.denoising_strength, self.hr_schedule_steps(), self.sampler_name)
         if not isinstance(self.hr_upscaler, str) or not self.hr_upscaler:
             problems.append(f"hr_upscaler must be the name of an upscaler, got {self.hr_upscaler!r}")
         scale = self.hr_scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 1.0 <= scale <= hires.MAX_SCALE:
-            problems.append(f"hr_scale must be a number from 1 to {hires.MAX_SCALE:g}, got {scale!r}")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 1.0 <= scale <= MAX_HR_SCALE:
+            problems.append(f"hr_scale must be a number from 1 to {MAX_HR_SCALE:g}, got {scale!r}")
         for field, value, low, high in (
             ("hr_second_pass_steps", self.hr_second_pass_steps, 0, MAX_STEPS),
             ("hr_resize_x", self.hr_resize_x, 0, MAX_SIDE),
@@ -139,11 +140,31 @@ class GenerationRequest:
             elif field != "hr_second_pass_steps" and value % 8:
                 problems.append(f"{field} must be a multiple of 8, got {value}")
         if not problems:
-            width, height = hires.target_size(self)
+            width, height = self.hr_target_size()
             if max(width, height) > MAX_SIDE or min(width, height) < 64:
                 problems.append(f"the hires fix would make {width}x{height} pictures; each side must be from "
                                 f"64 to {MAX_SIDE}")
         return problems
+
+    def hr_cover_size(self) -> tuple[int, int]:
+        """(width, height) the hires fix upscales the first pass to: by hr_scale, or to
+        hr_resize_x/y. With both given and another aspect ratio, the size that covers them
+        (cropped after), as A1111."""
+        width, height, x, y = self.width, self.height, self.hr_resize_x, self.hr_resize_y
+        if not x and not y:
+            return _floor(width * self.hr_scale), _floor(height * self.hr_scale)
+        if not y or (x and width / height < x / y):
+            return x, _floor(x * height / width)
+        return _floor(y * width / height), y
+
+    def hr_target_size(self) -> tuple[int, int]:
+        """(width, height) of the hires fix's final pictures."""
+        width, height = self.hr_cover_size()
+        return self.hr_resize_x or width, self.hr_resize_y or height
+
+    def hr_schedule_steps(self) -> int:
+        """The steps of the hires pass's schedule, of which img2img's rule samples the last ones."""
+        return self.hr_second_pass_steps or self.steps
 
     def with_seed_resolved(self, rng: random.Random | None = None) -> "GenerationRequest":
         if self.seed != -1:
@@ -153,6 +174,10 @@ class GenerationRequest:
     def seeds(self) -> list[int]:
         """Image i of the whole job uses seed + i, whatever the batch layout."""
         return [self.seed + i for i in range(self.batch_count * self.batch_size)]
+
+
+def _floor(value: float) -> int:
+    return int(value) // SIZE_STEP * SIZE_STEP
 
 
 def strength_problems(strength, steps, sampler_name) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import gradio as gr
 
 from modules.app.errors import RequestError
-from modules.generation import hires, pipeline
+from modules.generation import pipeline
 from modules.generation.request import GenerationRequest
 from modules.postprocess import upscalers
 from modules.sampling.registry import SAMPLERS
@@ -19,7 +19,7 @@ def final_size(width, height, scale, resize_x, resize_y) -> str:
     """What the hires fix will make, shown under its sliders as A1111 does."""
     request = GenerationRequest(width=int(width), height=int(height), hr_scale=float(scale),
                                 hr_resize_x=int(resize_x), hr_resize_y=int(resize_y))
-    return "from {}x{} to {}x{}".format(request.width, request.height, *hires.target_size(request))
+    return "from {}x{} to {}x{}".format(request.width, request.height, *request.hr_target_size())
 
 
 def build(ctx, checkpoint: gr.Dropdown) -> dict:
