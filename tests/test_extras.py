@@ -17,13 +17,14 @@ from safetensors.torch import save_file
 from modules.api import routes
 from modules.app.config import Flags
 from modules.context import AppContext
-from modules.images import metadata, storage
+from modules.images import storage
+from modules.images.infotext import format_infotext
 from modules.postprocess import extras
 from modules.postprocess.extras import ExtrasError, ExtrasInput, ExtrasRequest
 from modules.service.jobs import Job
 from tests.test_upscalers import tiny_esrgan_state
 
-INFOTEXT = metadata.format_infotext("a red circle", "blurry", {"Steps": 4, "Sampler": "Euler a", "Seed": 7, "Size": "64x32"})
+INFOTEXT = format_infotext("a red circle", "blurry", {"Steps": 4, "Sampler": "Euler a", "Seed": 7, "Size": "64x32"})
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ from PIL import Image
 
 from modules.app.errors import RequestError
 from modules.generation import hires, img2img, pipeline
+from modules.generation.parameters import request_from_infotext
 from modules.generation.request import GenerationRequest, Img2ImgRequest
-from modules.images import metadata
 from modules.postprocess import upscalers
 from modules.service.jobs import Job
 
@@ -137,7 +137,7 @@ def test_infotext_reads_back_and_remakes_the_picture(builtin_ctx, tmp_path):
     assert text.endswith("Denoising strength: 0.55, RNG: CPU, Hires upscale: 2, Hires steps: 4, "
                          "Hires upscaler: Latent (bicubic)")
     assert Image.open(result.paths[0]).info["parameters"] == text
-    fields = metadata.request_from_infotext(text)
+    fields = request_from_infotext(text)
     assert {k: fields[k] for k in ("enable_hr", "hr_scale", "hr_second_pass_steps", "hr_upscaler", "denoising_strength")} \
         == {"enable_hr": True, "hr_scale": 2.0, "hr_second_pass_steps": 4, "hr_upscaler": "Latent (bicubic)",
             "denoising_strength": 0.55}
@@ -148,9 +148,9 @@ def test_infotext_reads_back_and_remakes_the_picture(builtin_ctx, tmp_path):
 
 def test_infotext_without_hires_turns_it_off():
     text = "a cat\nSteps: 20, Sampler: Euler, CFG scale: 7, Seed: 1, Size: 64x64, Denoising strength: 0.4"
-    fields = metadata.request_from_infotext(text)
+    fields = request_from_infotext(text)
     assert fields["enable_hr"] is False and "denoising_strength" not in fields
-    resized = metadata.request_from_infotext(text + ", Hires resize: 0x1024, Hires upscaler: Lanczos")
+    resized = request_from_infotext(text + ", Hires resize: 0x1024, Hires upscaler: Lanczos")
     assert (resized["enable_hr"], resized["hr_resize_x"], resized["hr_resize_y"], resized["hr_upscaler"],
             resized["denoising_strength"]) == (True, 0, 1024, "Lanczos", 0.4)
 

@@ -16,8 +16,10 @@ from PIL import Image
 
 from modules.app.errors import RequestError
 from modules.generation import img2img, img2img_batch, options, pipeline
+from modules.generation.parameters import infotext_params, request_from_infotext
 from modules.generation.request import Img2ImgRequest
-from modules.images import metadata, pictures
+from modules.images import pictures
+from modules.images.infotext import format_infotext
 from modules.sampling.denoiser import model_denoiser
 from modules.sampling.registry import find_sampler
 from modules.sampling.schedules import get_sigmas, img2img_start
@@ -245,12 +247,12 @@ def test_validated_request_is_normalised_and_validates_again():
 
 def test_img2img_infotext_reads_back():
     req = request(denoising_strength=0.42, steps=12).validate()
-    params = metadata.infotext_params(req, seed=5, model_hash="abc", model_name="m")
-    text = metadata.format_infotext(req.prompt, "", params)
+    params = infotext_params(req, seed=5, model_hash="abc", model_name="m")
+    text = format_infotext(req.prompt, "", params)
     assert text.endswith("Model hash: abc, Model: m, Denoising strength: 0.42, RNG: CPU")
-    fields = metadata.request_from_infotext(text, img2img=True)
+    fields = request_from_infotext(text, img2img=True)
     assert fields["denoising_strength"] == 0.42 and fields["steps"] == 12
-    assert "denoising_strength" not in metadata.request_from_infotext(text)  # txt2img fields only
+    assert "denoising_strength" not in request_from_infotext(text)  # txt2img fields only
 
 
 # ---- over HTTP (tiny random model) ----

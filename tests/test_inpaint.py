@@ -17,8 +17,10 @@ from modules.app.config import Flags
 from modules.app.errors import RequestError
 from modules.context import AppContext
 from modules.generation import img2img, options, pipeline
+from modules.generation.parameters import infotext_params, request_from_infotext
 from modules.generation.request import GenerationRequest, Img2ImgRequest
-from modules.images import metadata, pictures
+from modules.images import pictures
+from modules.images.infotext import format_infotext
 from modules.models.loader import load_checkpoint
 from modules.training import shapes_dataset
 from modules.ui.img2img import mask_from_layers
@@ -181,18 +183,18 @@ def test_inpainting_options_are_written_and_read_as_a1111_does():
     request = Img2ImgRequest(prompt="p", init_images=(scene(),), mask=left_mask(24), width=64, height=64,
                              inpainting_mask_invert=1, inpainting_fill=2, inpaint_full_res=True, mask_blur=6).validate()
     prepared = img2img.prepare(request)
-    params = metadata.infotext_params(request, seed=1, model_hash=None, model_name=None, mask_weight=None, extra=prepared.params)
-    text = metadata.format_infotext("p", "", params)
+    params = infotext_params(request, seed=1, model_hash=None, model_name=None, mask_weight=None, extra=prepared.params)
+    text = format_infotext("p", "", params)
     assert text.endswith(
         "Denoising strength: 0.75, RNG: CPU, Mask blur: 6, Mask mode: Inpaint not masked, "
         "Inpaint area: Only masked, Masked area padding: 32, Masked content: latent noise"
     )
-    fields = metadata.request_from_infotext(text, img2img=True)
+    fields = request_from_infotext(text, img2img=True)
     for name in ("mask_blur", "inpainting_mask_invert", "inpainting_fill", "inpaint_full_res", "inpaint_full_res_padding",
                  "denoising_strength"):
         assert fields[name] == getattr(request, name), name
     # A1111 leaves out what a missing key means: original content, whole picture, inpaint masked.
-    plain = metadata.request_from_infotext("p\nSteps: 20, Seed: 1, Denoising strength: 0.5, Mask blur: 4", img2img=True)
+    plain = request_from_infotext("p\nSteps: 20, Seed: 1, Denoising strength: 0.5, Mask blur: 4", img2img=True)
     assert (plain["inpainting_fill"], plain["inpaint_full_res"], plain["inpainting_mask_invert"]) == (1, False, 0)
 
 

@@ -15,9 +15,11 @@ from PIL.PngImagePlugin import PngInfo
 from modules.api import routes
 from modules.app.config import Flags
 from modules.context import AppContext
+from modules.generation.parameters import infotext_params, request_from_infotext
 from modules.generation.request import GenerationRequest
-from modules.images import image_info, metadata, storage
+from modules.images import image_info, storage
 from modules.images.image_info import decode_user_comment, read_bytes
+from modules.images.infotext import format_infotext
 from modules.ui.paste import field_values
 from modules.ui.png_info import info_html
 
@@ -63,12 +65,12 @@ def ctx(tmp_path):
 
 def test_reads_back_what_the_project_writes():
     request = GenerationRequest(prompt="a cat, 猫", negative_prompt="dog", steps=9, seed=11, width=64, height=96).validate()
-    text = metadata.format_infotext(request.prompt, request.negative_prompt,
-                                    metadata.infotext_params(request, seed=11, model_hash="abc", model_name="tiny"))
+    text = format_infotext(request.prompt, request.negative_prompt,
+                           infotext_params(request, seed=11, model_hash="abc", model_name="tiny"))
     image, info = read_bytes(storage.png_bytes(red(), text))
     assert image.size == (16, 16)
     assert info == image_info.ImageInfo(parameters=text, items={})
-    assert metadata.request_from_infotext(info.parameters)["prompt"] == "a cat, 猫"
+    assert request_from_infotext(info.parameters)["prompt"] == "a cat, 猫"
 
 
 def test_a1111_text_fills_every_field_and_the_model_when_present(ctx):

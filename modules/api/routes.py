@@ -13,7 +13,8 @@ from modules.api.images import decode_bytes, encode_png
 from modules.app.errors import RequestError
 from modules.generation import options, pipeline
 from modules.generation.request import GenerationRequest, Img2ImgRequest
-from modules.images import image_info, metadata
+from modules.images import image_info
+from modules.images.infotext import parse_infotext
 from modules.sampling.registry import SAMPLERS
 from modules.sampling.schedules import SCHEDULES
 from modules.service.jobs import Job
@@ -215,7 +216,7 @@ def create_router(ctx) -> APIRouter:
         _, info = image_info.read_bytes(decode_bytes(body.image), "image")
         if info.error and not info.parameters:
             raise HTTPException(422, info.error)
-        prompt, negative, params = metadata.parse_infotext(info.parameters)
+        prompt, negative, params = parse_infotext(info.parameters)
         parameters = {"Prompt": prompt, "Negative prompt": negative, **params} if info.parameters else {}
         return api.PngInfoResponse(info=info.parameters, items=info.items, parameters=parameters)
 

@@ -5,7 +5,7 @@ space by one of the latent modes or as pixels by an upscaler and encoded again, 
 target size, and cropped to it. The second pass samples them as img2img does: from part-way down
 a schedule of `hr_second_pass_steps` (or `steps`) steps, by `denoising_strength`, with noise from
 the same seeds. The sizes and steps follow from the request alone (GenerationRequest.hr_*). The
-infotext keeps the first pass's "Size" (see metadata.infotext_params).
+infotext keeps the first pass's "Size" (see parameters.infotext_params).
 """
 
 from __future__ import annotations

@@ -14,8 +14,10 @@ from tqdm import tqdm
 
 from modules.context import AppContext
 from modules.generation import hires, img2img
+from modules.generation.parameters import infotext_params
 from modules.generation.request import GenerationRequest, Img2ImgRequest
-from modules.images import metadata, storage
+from modules.images import storage
+from modules.images.infotext import format_infotext
 from modules.networks import embeddings as ti
 from modules.networks import lora
 from modules.prompting.conditioning import embeddings_used, encode_prompts
@@ -221,12 +223,12 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
 
             # 7. Infotext and PNG on disk, one per image.
             for image, seed in zip(images, batch_seeds):
-                infotext = metadata.format_infotext(
+                infotext = format_infotext(
                     request.prompt,
                     request.negative_prompt,
-                    metadata.infotext_params(info_request.replace(enable_hr=hires_done), seed=seed, model_hash=model_hash,
-                                             model_name=checkpoint.name, mask_weight=mask_weight,
-                                             extra=prepared.params if prepared else None)
+                    infotext_params(info_request.replace(enable_hr=hires_done), seed=seed, model_hash=model_hash,
+                                    model_name=checkpoint.name, mask_weight=mask_weight,
+                                    extra=prepared.params if prepared else None)
                     | network_params,
                 )
                 if save:

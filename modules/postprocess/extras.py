@@ -18,7 +18,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from modules.images import image_info, metadata, storage
+from modules.images import image_info, storage
+from modules.images.infotext import format_params_line
 from modules.postprocess.upscalers import NONE, target_size
 from modules.service.jobs import Job
 
@@ -170,7 +171,7 @@ def run(ctx, request: ExtrasRequest, inputs: list[ExtrasInput], output_dir: Path
             break
         job.status = f"Picture {index + 1} of {len(inputs)}"
         image, info = upscale_one(ctx, request, source.image)
-        line = metadata.format_params_line(info)
+        line = format_params_line(info)
         carried = image_info.read_info(source.image)
         text = {**carried.items, "postprocessing": line, "extras": line} if line else dict(carried.items)
         png = storage.png_bytes(image, carried.parameters or None, text)

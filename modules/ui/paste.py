@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 
 import gradio as gr
 
-from modules.images import metadata
+from modules.generation.parameters import request_fields
+from modules.images.infotext import parse_infotext
 
 
 @dataclass
@@ -38,8 +39,8 @@ def checkpoint_title(ctx, params: dict[str, str]) -> str | None:
 
 def field_values(ctx, infotext: str, fields: dict[str, object]) -> dict[object, object]:
     """{component: new value} for the components of `fields` that the infotext sets."""
-    prompt, negative, params = metadata.parse_infotext(infotext or "")
-    values = metadata.request_fields(prompt, negative, params, img2img=True)
+    prompt, negative, params = parse_infotext(infotext or "")
+    values = request_fields(prompt, negative, params, img2img=True)
     checkpoint = checkpoint_title(ctx, params)
     if checkpoint is not None:
         values["checkpoint"] = checkpoint

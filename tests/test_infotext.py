@@ -9,15 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from modules.generation.parameters import infotext_params, request_fields, request_from_infotext
 from modules.generation.request import GenerationRequest
-from modules.images.metadata import (
-    format_infotext,
-    infotext_params,
-    parse_infotext,
-    quote,
-    request_fields,
-    request_from_infotext,
-)
+from modules.images.infotext import format_infotext, parse_infotext, quote
 
 ISSUE_EXAMPLE = (
     "a photo of a cat\n"
@@ -271,8 +265,8 @@ def test_garbage_never_raises(text):
 def test_reading_parameters_does_not_load_torch():
     root = Path(__file__).resolve().parents[1]
     code = (
-        "import sys; from modules.images import metadata; "
-        f"metadata.parse_infotext({A1111_WRITTEN!r}); "
+        "import sys; from modules.images import infotext; "
+        f"infotext.parse_infotext({A1111_WRITTEN!r}); "
         "sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0

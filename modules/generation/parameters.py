@@ -1,79 +1,26 @@
-"""Infotext: the A1111 "parameters" text stored in every PNG, and its way back to a request.
-
-The text is three parts, as A1111 writes and reads it:
-
-    a photo of a cat                      prompt, any number of lines
-    Negative prompt: blurry               only when there is a negative prompt, may go on for lines
-    Steps: 20, Sampler: DPM++ 2M, ...     one line of "key: value" pairs, always the last
-
-Formatting and parsing are plain functions of text. The sampler table (which pulls in torch
-through k-diffusion) is imported only by the two functions that need it, so reading an image's
-parameters does not load torch.
+"""A request's A1111 parameters: the "key: value" pairs written into each picture's infotext
+(`infotext_params`), and the request fields a pasted or dropped infotext stands for
+(`request_fields`, `request_from_infotext`). The text format itself is images/infotext.py.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from modules.generation.request import GenerationRequest
+from modules.generation.options import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT
+from modules.generation.request import NOISE_SOURCES, GenerationRequest
+from modules.images.infotext import parse_infotext
+from modules.sampling.registry import find_sampler, find_sampler_and_schedule
+from modules.sampling.schedules import find_schedule
 
-NEGATIVE_PREFIX = "Negative prompt:"
-
-# One "key: value" pair of the parameters line. Keys start with a word character and go on with
-# word characters, spaces, '-' and '/'; a value is either a JSON string (which may hold commas)
-# or runs up to the next comma. A1111 reads the same grammar, so both recognise the same lines.
-# Keys are bounded in length (A1111's longest are ~25 characters) so that a long line without a
-# colon is scanned in linear, not quadratic, time.
-_PAIR = re.compile(
-    r"""
-    (?P<key> \w [\w\ \-/]{1,63} ) : \s*
-    (?P<value> " (?: \\. | [^\\"] )+ " | [^,]* )
-    (?: , | $ )
-    """,
-    re.VERBOSE,
-)
-# A1111 takes the last line as parameters only when it holds at least this many pairs, so that a
-# prompt line with a stray "word: word" stays part of the prompt.
-_MIN_PAIRS = 3
 _SIZE = re.compile(r"^(\d+)x(\d+)$")
-_NEEDS_QUOTES = (",", ":", "\n")
-
-
-def _format_value(value: object) -> str:
-    """A1111's look for numbers: 7.0 is written "7", 7.5 stays "7.5"."""
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def quote(value: str) -> str:
-    """JSON-quoted when the value would otherwise break the "key: value, ..." line."""
-    if any(mark in value for mark in _NEEDS_QUOTES):
-        return json.dumps(value, ensure_ascii=False)
-    return value
-
-
-def unquote(value: str) -> str:
-    if len(value) < 2 or value[0] != '"' or value[-1] != '"':
-        return value
-    try:
-        decoded = json.loads(value)
-    except ValueError:
-        return value
-    return decoded if isinstance(decoded, str) else value
 
 
 def _schedule_label(request: GenerationRequest) -> str:
     """The schedule actually used, as A1111 records it: "Automatic" resolves to the sampler's own
     default schedule (DPM++ 2M -> Karras) and stays "Automatic" only for samplers that run on the
     model's plain levels."""
-    from modules.sampling.registry import find_sampler
-    from modules.sampling.schedules import find_schedule
-
     try:
         schedule = find_schedule(request.scheduler)
         if schedule.fn is not None:
@@ -125,51 +72,6 @@ def _hires_params(request: GenerationRequest) -> dict[str, object | None]:
     }
 
 
-def format_params_line(params: dict[str, object]) -> str:
-    """One "key: value, ..." line; None values are left out."""
-    return ", ".join(f"{key}: {quote(_format_value(value))}" for key, value in params.items() if value is not None)
-
-
-def format_infotext(prompt: str, negative_prompt: str, params: dict[str, object]) -> str:
-    """The full infotext; leading and trailing whitespace is dropped, as A1111 does."""
-    line = format_params_line(params)
-    parts = [prompt]
-    if negative_prompt:
-        parts.append(f"{NEGATIVE_PREFIX} {negative_prompt}")
-    parts.append(line)
-    return "\n".join(parts).strip()
-
-
-def parse_params_line(line: str) -> dict[str, str]:
-    """The "key: value" pairs of one line, quoted values decoded; later duplicates win."""
-    return {m["key"]: unquote(m["value"]) for m in _PAIR.finditer(line)}
-
-
-def parse_infotext(text: str) -> tuple[str, str, dict[str, str]]:
-    """(prompt, negative prompt, parameters) from an infotext; never raises.
-
-    Text without a parameters line is all prompt. Lines are stripped, and every line after the
-    one starting with "Negative prompt:" belongs to the negative prompt, as in A1111."""
-    if not isinstance(text, str):
-        return "", "", {}
-    *lines, last = text.strip().split("\n")
-    params: dict[str, str] = {}
-    if len(_PAIR.findall(last)) >= _MIN_PAIRS:
-        params = parse_params_line(last)
-    else:
-        lines.append(last)
-
-    prompt_lines: list[str] = []
-    negative_lines: list[str] = []
-    target = prompt_lines
-    for line in lines:
-        line = line.strip()
-        if line.startswith(NEGATIVE_PREFIX):
-            target = negative_lines
-            line = line[len(NEGATIVE_PREFIX):].strip()
-        target.append(line)
-    return "\n".join(prompt_lines), "\n".join(negative_lines), params
-
 
 def _size(value: str) -> dict[str, object]:
     match = _SIZE.match(value.strip())
@@ -181,8 +83,6 @@ def _size(value: str) -> dict[str, object]:
 def _sampler(value: str) -> dict[str, object]:
     """Also reads the older combined names ("DPM++ 2M Karras") that A1111 wrote before it had a
     separate "Schedule type"; the schedule in such a name is the one that was used."""
-    from modules.sampling.registry import find_sampler_and_schedule
-
     sampler, schedule = find_sampler_and_schedule(value)
     fields: dict[str, object] = {"sampler_name": sampler.name}
     if schedule.fn is not None:
@@ -191,14 +91,10 @@ def _sampler(value: str) -> dict[str, object]:
 
 
 def _schedule(value: str) -> dict[str, object]:
-    from modules.sampling.schedules import find_schedule
-
     return {"scheduler": find_schedule(value).label}
 
 
 def _noise_source(value: str) -> dict[str, object]:
-    from modules.generation.request import NOISE_SOURCES
-
     source = value.strip().upper()
     if source not in NOISE_SOURCES:
         raise ValueError(f"unsupported RNG {value!r}")
@@ -253,20 +149,15 @@ def _choice(name: str, choices: tuple[str, ...], convert: Callable[[int], object
     return read
 
 
-def _img2img_readers() -> dict[str, Callable[[str], dict[str, object]]]:
-    # The option tables live with the img2img code, which imports torch; read them only when asked.
-    from modules.generation.img2img import INPAINT_AREAS, MASK_MODES, MASKED_CONTENT
-
-    return {
-        "Denoising strength": _field("denoising_strength", float),
-        "Conditional mask weight": _field("inpainting_mask_weight", float),
-        "Mask blur": _field("mask_blur", int),
-        "Mask mode": _choice("inpainting_mask_invert", MASK_MODES),
-        "Inpaint area": _choice("inpaint_full_res", INPAINT_AREAS, bool),
-        "Masked area padding": _field("inpaint_full_res_padding", int),
-        "Masked content": _choice("inpainting_fill", MASKED_CONTENT),
-    }
-
+_IMG2IMG_READERS: dict[str, Callable[[str], dict[str, object]]] = {
+    "Denoising strength": _field("denoising_strength", float),
+    "Conditional mask weight": _field("inpainting_mask_weight", float),
+    "Mask blur": _field("mask_blur", int),
+    "Mask mode": _choice("inpainting_mask_invert", MASK_MODES),
+    "Inpaint area": _choice("inpaint_full_res", INPAINT_AREAS, bool),
+    "Masked area padding": _field("inpaint_full_res_padding", int),
+    "Masked content": _choice("inpainting_fill", MASKED_CONTENT),
+}
 
 # A1111 writes these only when they differ from what a missing key means.
 _IMG2IMG_MISSING_MEANS = {"Mask mode": "Inpaint masked", "Inpaint area": "Whole picture", "Masked content": "original"}
@@ -285,7 +176,7 @@ def request_fields(prompt: str, negative_prompt: str, params: dict[str, str], *,
     elif params:
         fields["enable_hr"] = False  # a picture made without the hires fix is remade without it
     if img2img:
-        readers.update(_img2img_readers())
+        readers.update(_IMG2IMG_READERS)
         if "Mask blur" in params:  # the inpainting keys' defaults hold only where a mask was used
             params = {**_IMG2IMG_MISSING_MEANS, **params}
     for key, read in readers.items():
