@@ -98,13 +98,11 @@ def test_request_styles(tmp_path):
     path = tmp_path / "styles.csv"
     path.write_text(A1111_FILE, encoding="utf-8")
     library = StyleLibrary(path)
-    request = GenerationRequest(prompt="a cat", negative_prompt="text", styles=["Cinematic", "Sharp"]).validate()
-    applied = library.apply(request)
-    assert applied.prompt == "cinematic still of a cat, shallow depth of field, highly detailed"
-    assert applied.negative_prompt == "text, cartoon, drawing, blurry"
-    assert applied.styles == ()
+    assert library.apply("a cat", "text", ("Cinematic", "Sharp")) == (
+        "cinematic still of a cat, shallow depth of field, highly detailed", "text, cartoon, drawing, blurry")
+    assert library.apply("a cat", "text", ()) == ("a cat", "text")
     with pytest.raises(RequestError, match="no style named 'Nope'; available: Cinematic, Sharp, Two lines"):
-        library.apply(request.replace(styles=("Sharp", "Nope")))
+        library.apply("a cat", "text", ("Sharp", "Nope"))
     with pytest.raises(RequestError, match="styles must be a list"):
         GenerationRequest(styles="Sharp").validate()
 

@@ -143,7 +143,9 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
     # 1. The request: validated before its styles are written into the prompts (their names) and
     #    after (the prompts they make), seed fixed so every image can be reproduced; the LoRA
     #    files the prompt names are found (or the job stops here, naming the one missing).
-    request = ctx.styles.apply(request.validate()).validate().with_seed_resolved()
+    request = request.validate()
+    prompt, negative = ctx.styles.apply(request.prompt, request.negative_prompt, request.styles)
+    request = request.replace(prompt=prompt, negative_prompt=negative, styles=()).validate().with_seed_resolved()
     loras = ctx.loras.resolve(request.prompt)
     if request.enable_hr:
         hires.check_upscaler(request, ctx.upscalers)

@@ -18,7 +18,6 @@ from pathlib import Path
 
 from modules.app.errors import RequestError
 from modules.app.fileio import atomic_write
-from modules.generation.request import GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +107,9 @@ class StyleLibrary:
             raise RequestError(f"styles: no style named {', '.join(map(repr, missing))}; available: {known}")
         return [styles[name] for name in names]
 
-    def apply(self, request: GenerationRequest) -> GenerationRequest:
-        """The validated request with its styles written into its prompts (and none left to apply)."""
-        if not request.styles:
-            return request
-        prompt, negative = apply_styles(request.prompt, request.negative_prompt, self.find(request.styles))
-        return request.replace(prompt=prompt, negative_prompt=negative, styles=())
+    def apply(self, prompt: str, negative_prompt: str, names) -> tuple[str, str]:
+        """The prompts with the named styles written into them, in the order named."""
+        return apply_styles(prompt, negative_prompt, self.find(names)) if names else (prompt, negative_prompt)
 
     def save(self, style: PromptStyle) -> None:
         """Adds the style, or replaces the one with its name, keeping the others in their order."""
