@@ -24,12 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from modules.app.config import Flags, Paths  # noqa: E402
 from modules.models import detect, loader  # noqa: E402
 from modules.models.memory import DevicePolicy, ModelManager  # noqa: E402
+from modules.models.sd_model import build_model  # noqa: E402
 
 
 def write_random_checkpoint(path: Path, seed: int = 0) -> None:
     from safetensors.torch import save_file
 
-    skeleton = detect.build_model(detect.sd15_spec(), device="meta")
+    skeleton = build_model(detect.sd15_spec(), device="meta")
     generator = torch.Generator().manual_seed(seed)
     tensors = {
         key: (torch.randn(value.shape, generator=generator) * 0.02).to(torch.float16)

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from modules.models import detect, loader
+from modules.models.sd_model import build_model
 from tests.tiny import tiny_sd_model, tiny_spec
 
 
@@ -56,7 +57,7 @@ def _unet_sizes(spec) -> dict:
 
 def test_detects_sd15_sizes_from_shapes():
     sd15 = detect.sd15_spec()
-    spec = detect.detect(_shapes(detect.build_model(sd15, device="meta")))
+    spec = detect.detect(_shapes(build_model(sd15, device="meta")))
     assert spec.family == "SD1"
     assert _unet_sizes(spec) == _unet_sizes(sd15) and spec.vae == sd15.vae and spec.text == sd15.text
     assert (spec.resolution, spec.scale_factor, spec.prediction) == (512, 0.18215, "eps")
@@ -75,7 +76,7 @@ def test_detects_sd15_sizes_from_shapes():
 )
 def test_detection_recovers_the_sizes_it_was_built_with(overrides):
     spec = tiny_spec(**overrides)
-    found = detect.detect(_shapes(detect.build_model(spec, device="meta")))
+    found = detect.detect(_shapes(build_model(spec, device="meta")))
     assert found.family == spec.family
     assert _unet_sizes(found) == _unet_sizes(spec)
     assert found.vae == spec.vae
@@ -83,7 +84,7 @@ def test_detection_recovers_the_sizes_it_was_built_with(overrides):
 
 
 def test_metadata_sets_resolution_scale_and_prediction():
-    shapes = _shapes(detect.build_model(tiny_spec(), device="meta"))
+    shapes = _shapes(build_model(tiny_spec(), device="meta"))
     spec = detect.detect(shapes, {"resolution": "64", "scale_factor": "0.3", "prediction": "v"})
     assert (spec.resolution, spec.scale_factor, spec.prediction) == (64, 0.3, "v")
     with pytest.raises(detect.DetectionError, match="metadata"):
@@ -106,7 +107,7 @@ def test_other_files_get_a_message_saying_what_they_are(keys, words):
 
 
 def test_a_missing_tensor_is_reported_as_damage():
-    shapes = _shapes(detect.build_model(tiny_spec(), device="meta"))
+    shapes = _shapes(build_model(tiny_spec(), device="meta"))
     del shapes["model.diffusion_model.out.2.weight"]
     with pytest.raises(detect.DetectionError, match="out.2.weight.*damaged"):
         detect.detect(shapes)
@@ -151,7 +152,7 @@ def test_training_leftovers_and_ema_copies_are_ignored(tmp_path, tiny):
 
 
 def test_a_unet_kept_only_as_its_ema_copy_is_restored():
-    meta = detect.build_model(detect.sd15_spec(), device="meta")
+    meta = build_model(detect.sd15_spec(), device="meta")
     tensors = {}
     for key, value in meta.state_dict().items():
         stored = loader._ema_key(key) if key.startswith(detect.UNET) else key

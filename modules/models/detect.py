@@ -41,20 +41,6 @@ class ModelSpec:
     scale_factor: float = SD1_SCALE_FACTOR  # latent = vae_latent * scale_factor
     resolution: int = SD1_RESOLUTION  # native image size in pixels
 
-    def build(self, device: str = "cpu", alphas_cumprod=None):
-        return build_model(self, device, alphas_cumprod)
-
-
-def build_model(spec: ModelSpec, device: str = "cpu", alphas_cumprod=None):
-    """The SDModel for `spec`. On device "meta" no memory is allocated and nothing is
-    initialised: that model is a skeleton to `load_state_dict(..., assign=True)` into."""
-    import torch
-
-    from modules.models.sd_model import SDModel
-
-    with torch.device(device):
-        return SDModel(spec, alphas_cumprod=alphas_cumprod)
-
 
 def sd15_spec() -> ModelSpec:
     """The sizes of Stable Diffusion 1.x (all of 1.1 to 1.5 and their fine-tunes)."""

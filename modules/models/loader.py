@@ -17,10 +17,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from modules.app.fileio import atomic_write_json
 from modules.models import detect
-from modules.models.sd_model import SDModel, scaled_linear_alphas_cumprod
+from modules.models.sd_model import SDModel, build_model, scaled_linear_alphas_cumprod
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
@@ -66,8 +67,6 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
@@ -130,7 +129,7 @@ def network_weights(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 def _unet_from_ema(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # The dotless EMA names are ambiguous on their own; SD 1.5's key list disambiguates them.
-    reference = detect.build_model(detect.sd15_spec(), device="meta").state_dict()
+    reference = build_model(detect.sd15_spec(), device="meta").state_dict()
     restored = {}
     for key in reference:
         if key.startswith(detect.UNET) and _ema_key(key) in tensors:
@@ -165,7 +164,7 @@ def _materialize_buffers(model: torch.nn.Module) -> None:
 def build_from_state_dict(weights: dict[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> SDModel:
     """An SDModel holding `weights` (assigned, not copied), built after the spec they imply."""
     spec = detect.detect({k: tuple(v.shape) for k, v in weights.items()}, metadata)
-    model = detect.build_model(spec, device="meta", alphas_cumprod=scaled_linear_alphas_cumprod())
+    model = build_model(spec, device="meta", alphas_cumprod=scaled_linear_alphas_cumprod())
     result = model.load_state_dict(weights, strict=False, assign=True)
     missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
     if missing:

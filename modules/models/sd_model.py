@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from modules.models.detect import ModelSpec
 from modules.models.text_encoders import CLIPTextEncoder
 from modules.models.unet import UNetModel
 from modules.models.vae import AutoencoderKL
@@ -50,7 +51,7 @@ class SDModel(nn.Module):
     """Built from a ModelSpec (see modules/models/detect.py): `spec.unet`, `spec.vae` and
     `spec.text` are the constructor keyword arguments of the three networks."""
 
-    def __init__(self, spec, alphas_cumprod: torch.Tensor | None = None):
+    def __init__(self, spec: ModelSpec, alphas_cumprod: torch.Tensor | None = None):
         super().__init__()
         self.spec = spec
         self.model = DiffusionWrapper(UNetModel(**spec.unet))
@@ -114,3 +115,10 @@ class SDModel(nn.Module):
     def encode_text(self, tokens: torch.Tensor, clip_skip: int = 1, replace=()) -> torch.Tensor:
         """See CLIPTextEncoder.forward; `replace` puts embedding vectors at token positions."""
         return self.cond_stage_model(tokens, clip_skip, replace)
+
+
+def build_model(spec: ModelSpec, device: str = "cpu", alphas_cumprod=None) -> SDModel:
+    """The SDModel for `spec`. On device "meta" no memory is allocated and nothing is
+    initialised: that model is a skeleton to `load_state_dict(..., assign=True)` into."""
+    with torch.device(device):
+        return SDModel(spec, alphas_cumprod=alphas_cumprod)

@@ -105,7 +105,7 @@ def resize(image: Image.Image, width: int, height: int, resample=Image.Resamplin
 def read_network(path: Path, device: torch.device | str = "cpu"):
     """The spandrel ImageModelDescriptor of a network file, in eval mode; UpscalerError if the
     file cannot be read or is not an image-to-image network."""
-    import spandrel
+    import spandrel  # here, not at the top: it loads every architecture it knows (over a second at start-up)
 
     path = Path(path)
     try:
@@ -245,7 +245,7 @@ class Upscalers:
         return resize(image, width, height)
 
     def _run(self, descriptor, image: Image.Image, tiling: Tiling) -> Image.Image:
-        import spandrel
+        import spandrel  # loaded by read_network already; imported here for the same start-up reason
 
         dtype = next(descriptor.model.parameters()).dtype
         x = image_to_tensor(image)

@@ -17,6 +17,7 @@ import gzip
 import importlib.util
 from pathlib import Path
 
+import ftfy
 from transformers import CLIPTokenizer
 
 VOCAB_FILE_NAME = "bpe_simple_vocab_16e6.txt.gz"
@@ -94,10 +95,6 @@ def clip_tokenizer() -> CLIPTokenizer:
 def clean_text(text: str) -> str:
     """CLIP's text repair before BPE: ftfy fixes mojibake, HTML entities, curly quotes and the like.
     Lower-casing and whitespace are left to the tokenizer's own normalizer."""
-    try:
-        import ftfy
-    except ImportError:  # ftfy comes with clip-anytorch; without it text is used as typed
-        return text
     return ftfy.fix_text(text)
 
 

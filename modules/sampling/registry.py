@@ -16,6 +16,7 @@ from k_diffusion import sampling as kd
 from tqdm.auto import trange
 
 from modules.sampling.noise import ancestral_noise_sampler, brownian_noise_sampler
+from modules.sampling.schedules import SCHEDULES, find_schedule
 
 
 @torch.no_grad()
@@ -157,8 +158,6 @@ def find_sampler_and_schedule(sampler_name: str, schedule_name: str | None = Non
     """(SamplerInfo, Schedule) for names that may be in A1111's older combined form, where the
     schedule was part of the sampler name ("DPM++ 2M Karras" = DPM++ 2M with the Karras schedule).
     A schedule named in the sampler name wins over `schedule_name`."""
-    from modules.sampling.schedules import SCHEDULES, find_schedule
-
     name = str(sampler_name).strip()
     if name.lower() not in _BY_NAME:
         for schedule in SCHEDULES:

@@ -43,8 +43,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import safetensors.torch
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from tqdm import tqdm
 
 from modules.app.fileio import atomic_write
@@ -262,8 +264,6 @@ class Trainer:
     def _init_from(self, path: Path) -> None:
         """Start from a trained checkpoint of the same recipe's shapes: its autoencoder is kept
         (the latents are encoded again) and the UNet and text encoder train on from its weights."""
-        from safetensors import safe_open
-
         with safe_open(str(path), "pt") as f:
             weights = {k: f.get_tensor(k).float() for k in f.keys()}
             metadata = f.metadata() or {}
@@ -444,8 +444,6 @@ class Trainer:
 
     def export(self, out: Path) -> None:
         """The SD 1.x checkpoint: EMA weights for the UNet and text encoder, fp16, with metadata."""
-        from safetensors.torch import save
-
         weights = {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
         for k, v in (self.state["ema"] or {}).items():
             weights[k] = v
@@ -467,7 +465,7 @@ class Trainer:
         }
         if self.state.get("earlier_stages"):
             metadata["earlier_stages"] = json.dumps(self.state["earlier_stages"], sort_keys=True)
-        atomic_write(out, lambda f: f.write(save(weights, metadata=metadata)))
+        atomic_write(out, lambda f: f.write(safetensors.torch.save(weights, metadata=metadata)))
 
 
 def earlier_stages(metadata: dict[str, str]) -> list[dict]:

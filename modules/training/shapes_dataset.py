@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
+from skimage import measure
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -281,8 +282,6 @@ def read_scene(image: np.ndarray) -> dict[str, str | None]:
     Values are names from this module's tables; everything but the background is None when no
     shape stands out from the background.
     """
-    from skimage import measure
-
     pixels = np.asarray(image, dtype=np.float32)
     border = np.concatenate([pixels[:2].reshape(-1, 3), pixels[-2:].reshape(-1, 3),
                              pixels[:, :2].reshape(-1, 3), pixels[:, -2:].reshape(-1, 3)])

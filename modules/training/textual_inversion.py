@@ -23,11 +23,14 @@ from dataclasses import dataclass, replace
 from datetime import date
 from pathlib import Path
 
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from modules.app.fileio import atomic_write
+from modules.generation import pipeline
+from modules.generation.request import GenerationRequest
 from modules.images import storage
 from modules.models.sd_model import diffusion_target, noised
 from modules.networks import embeddings
@@ -61,11 +64,9 @@ def embedding_bytes(vectors: torch.Tensor, *, name: str, step: int, suffix: str,
                     checkpoint_hash: str | None = None, checkpoint_name: str | None = None) -> bytes:
     vectors = vectors.detach().to("cpu", torch.float32).contiguous()
     if suffix == ".safetensors":
-        from safetensors.torch import save
-
         metadata = {"name": name, "step": str(step)}
         metadata |= {k: v for k, v in (("sd_checkpoint", checkpoint_hash), ("sd_checkpoint_name", checkpoint_name)) if v}
-        return save({"emb_params": vectors}, metadata=metadata)
+        return safetensors.torch.save({"emb_params": vectors}, metadata=metadata)
     buffer = io.BytesIO()
     torch.save({
         "string_to_token": {"*": 265},
@@ -335,9 +336,6 @@ def create_in_app(ctx, name: str, init_text: str, vectors: int, suffix: str = ".
 def train_in_app(ctx, options: TrainingOptions, job: Job | None = None) -> TrainingResult:
     """Trains with the selected checkpoint; previews are drawn as txt2img draws them, with the
     embedding as just saved, at the training size and a fixed seed so they can be compared."""
-    from modules.generation import pipeline
-    from modules.generation.request import GenerationRequest
-
     sd_model = ctx.models.get()
     info = sd_model.checkpoint
 
