@@ -122,7 +122,7 @@ def test_directory_batch_reads_the_pictures_and_names_the_rest(ctx, tmp_path):
         ({"upscaling_resize": 0}, "upscaling_resize"),
         ({"upscaling_resize": 9}, "at most 8"),
         ({"resize_mode": 2}, "resize_mode"),
-        ({"upscaler_2_visibility": 1.5}, "between 0 and 1"),
+        ({"upscaler_2_visibility": 1.5}, "upscaler_2_visibility must be a number from 0 to 1, got 1.5"),
         ({"upscaling_resize_w": 0, "resize_mode": 1}, "upscaling_resize_w"),
     ],
 )

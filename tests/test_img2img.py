@@ -219,7 +219,7 @@ HUGE = Image.new("L", (20000, 8))
     ({"outpaint_pixels": 16, "outpaint_directions": ()}, "outpaint_directions must be one or more"),
     ({"outpaint_pixels": 256, "width": 4096}, "would be 4608x576"),
     ({"sampler_name": "DPM adaptive", "denoising_strength": 0.05}, "DPM adaptive needs at least 2 noise levels"),
-    ({"steps": 0, "denoising_strength": 2}, "steps must be between 1 and 150"),
+    ({"steps": 0, "denoising_strength": 2}, "steps must be a whole number from 1 to 150"),
     ({"init_images": (scene(),) * 3, "batch_size": 2}, "3 init images for a batch of 2"),
 ])
 def test_bad_requests_say_what_is_wrong(fields, words):

@@ -148,7 +148,7 @@ def test_bad_options_are_reported_together(tmp_path, dataset):
     with pytest.raises(ti.TrainingError) as error:
         options.validate()
     message = str(error.value)
-    assert "batch_size" in message and "tag dropout" in message and "learning rate" in message
+    assert "batch_size" in message and "tag_dropout" in message and "learning rate" in message
 
 
 def test_missing_embedding_and_wrong_size(tmp_path, model, dataset):

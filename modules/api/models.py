@@ -2,62 +2,112 @@
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import typing
+from collections.abc import Iterable
+from typing import Any, ClassVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+from modules.app.fields import limits
+from modules.generation.request import GenerationRequest, Img2ImgRequest
+from modules.postprocess.extras import ExtrasRequest
 
 
-class GenerationBody(BaseModel):
-    """What /txt2img and /img2img bodies share."""
+class RequestBody(BaseModel):
+    """A JSON body whose fields are those of a request dataclass (`request_type`), made by
+    `request_body`: the request's names (or A1111's, in `api_names`), types, defaults and limits,
+    so that a field is declared once, on the request. Null in any field means its default, as
+    A1111 clients send it; fields they send that we do not know are ignored, not refused."""
 
-    # A1111 clients send many more fields (refiner, scripts...); unknown ones are ignored, not refused.
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str = ""
-    negative_prompt: str = ""
-    styles: list[str] = Field(default_factory=list)
-    seed: int = -1
-    sampler_name: str | None = None
+    request_type: ClassVar[type]
+    api_names: ClassVar[dict[str, str]]  # request field -> body field, where A1111 names it otherwise
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_default(cls, data: Any) -> Any:
+        return {k: v for k, v in data.items() if v is not None} if isinstance(data, dict) else data
+
+    def request_fields(self) -> dict[str, Any]:
+        """The request's fields this body holds, by the request's names."""
+        body_fields = type(self).model_fields
+        names = ((f.name, self.api_names.get(f.name, f.name)) for f in dataclasses.fields(self.request_type))
+        return {name: getattr(self, api) for name, api in names if api in body_fields}
+
+
+def _json_type(annotation: Any) -> Any:
+    """A tuple field travels as a JSON list."""
+    if typing.get_origin(annotation) is tuple:
+        return list[typing.get_args(annotation)[0]]
+    return annotation
+
+
+def request_body(name: str, request_type: type, *, base: type[RequestBody] = RequestBody, doc: str = "",
+                 api_names: dict[str, str] | None = None, api_types: dict[str, Any] | None = None,
+                 api_defaults: dict[str, Any] | None = None, leave_out: Iterable[str] = ()) -> type[RequestBody]:
+    """The body class for `request_type`: a field for each of its fields but those in `leave_out`,
+    named as in `api_names`, typed as in `api_types` (pictures travel as base64 text), with A1111's
+    API default where `api_defaults` gives one, else the request's; limits go into the schema."""
+    api_names, api_types, api_defaults = api_names or {}, api_types or {}, api_defaults or {}
+    hints = typing.get_type_hints(request_type)
+    definitions: dict[str, Any] = {}
+    for f in dataclasses.fields(request_type):
+        if f.name in leave_out:
+            continue
+        default = api_defaults.get(f.name, f.default)
+        rule = limits(f)
+        if default is dataclasses.MISSING:
+            field = Field(json_schema_extra=rule.schema() if rule else None)  # required
+        else:
+            field = Field(default=list(default) if isinstance(default, tuple) else default,
+                          json_schema_extra=rule.schema() if rule else None)
+        definitions[api_names.get(f.name, f.name)] = (api_types.get(f.name, _json_type(hints[f.name])), field)
+    body = create_model(name, __base__=base, __doc__=doc or None, **definitions)
+    body.request_type, body.api_names = request_type, api_names
+    return body
+
+
+class GenerationApiFields(RequestBody):
+    """What /txt2img and /img2img take beside the request's own fields."""
+
     sampler_index: str | None = None  # older clients put the sampler name here
-    scheduler: str | None = None
-    batch_size: int = 1
-    n_iter: int = 1
-    steps: int = 20
-    cfg_scale: float = 7.0
-    width: int = 512
-    height: int = 512
     override_settings: dict[str, Any] = Field(default_factory=dict)
     send_images: bool = True
     save_images: bool = False
 
 
-class Txt2ImgBody(GenerationBody):
-    enable_hr: bool = False
-    hr_scale: float = 2.0
-    hr_upscaler: str | None = None
-    hr_second_pass_steps: int = 0
-    hr_resize_x: int = 0
-    hr_resize_y: int = 0
-    denoising_strength: float | None = None
+# A1111 names the batch count n_iter; clip skip, the noise source and the checkpoint come in
+# override_settings (see routes.OVERRIDES), the outpainting fields from the script's arguments.
+GENERATION_API_NAMES = {"batch_count": "n_iter"}
+NOT_BODY_FIELDS = ("checkpoint", "clip_skip", "noise_source", "inpainting_mask_weight")
+HIRES_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest) if f.name.startswith("hr_")) + ("enable_hr",)
+
+Txt2ImgBody = request_body("Txt2ImgBody", GenerationRequest, base=GenerationApiFields, api_names=GENERATION_API_NAMES,
+                           leave_out=NOT_BODY_FIELDS, doc="A1111's /sdapi/v1/txt2img body.")
 
 
-class Img2ImgBody(GenerationBody):
-    """A1111's /sdapi/v1/img2img body: images as base64 (data: URLs allowed), options by index."""
+class Img2ImgApiFields(GenerationApiFields):
+    """What /img2img takes beside the request's own fields."""
 
-    init_images: list[str] = Field(default_factory=list)
-    mask: str | None = None
-    denoising_strength: float = 0.75
-    resize_mode: int = 0
-    mask_blur: int | None = None  # sets both of the two below
-    mask_blur_x: int = 4
-    mask_blur_y: int = 4
-    inpainting_fill: int = 0
-    inpaint_full_res: bool | int = True
-    inpaint_full_res_padding: int = 0
-    inpainting_mask_invert: int = 0
+    mask_blur_x: int | None = None  # A1111's blur across and down; equal, or mask_blur is sent instead
+    mask_blur_y: int | None = None
     include_init_images: bool = False
     script_name: str | None = None
     script_args: list[Any] = Field(default_factory=list)
+
+
+# A1111's API fills these with its processing class's defaults, which differ from its UI's (and ours).
+IMG2IMG_API_DEFAULTS = {"inpainting_fill": 0, "inpaint_full_res": True, "inpaint_full_res_padding": 0}
+
+Img2ImgBody = request_body(
+    "Img2ImgBody", Img2ImgRequest, base=Img2ImgApiFields, api_names=GENERATION_API_NAMES,
+    api_types={"init_images": list[str], "mask": str | None, "inpaint_full_res": bool | int},
+    api_defaults=IMG2IMG_API_DEFAULTS,
+    leave_out=(*NOT_BODY_FIELDS, *HIRES_FIELDS, "outpaint_pixels", "outpaint_directions"),
+    doc="A1111's /sdapi/v1/img2img body: pictures as base64 (data: URLs allowed), options by index.",
+)
 
 
 class ImagesResponse(BaseModel):
@@ -139,24 +189,20 @@ class PngInfoResponse(BaseModel):
     parameters: dict[str, Any]
 
 
-class ExtrasBody(BaseModel):
-    """A1111's ExtrasBaseRequest; face restoration fields are accepted but must stay 0."""
+class ExtrasApiFields(RequestBody):
+    """What A1111's extras routes take beside the request's own fields; face restoration is
+    accepted but must stay 0."""
 
-    model_config = ConfigDict(extra="ignore")
-
-    resize_mode: int = 0
     show_extras_results: bool = True
     gfpgan_visibility: float = 0.0
     codeformer_visibility: float = 0.0
     codeformer_weight: float = 0.0
-    upscaling_resize: float = 2.0
-    upscaling_resize_w: int = 512
-    upscaling_resize_h: int = 512
-    upscaling_crop: bool = True
-    upscaler_1: str = "None"
-    upscaler_2: str = "None"
-    extras_upscaler_2_visibility: float = 0.0
     upscale_first: bool = False
+
+
+ExtrasBody = request_body("ExtrasBody", ExtrasRequest, base=ExtrasApiFields,
+                          api_names={"upscaler_2_visibility": "extras_upscaler_2_visibility"},
+                          doc="A1111's ExtrasBaseRequest.")
 
 
 class ExtrasSingleImageBody(ExtrasBody):

@@ -18,16 +18,7 @@ from modules.service.jobs import Job
 def request_from_body(body: api.ExtrasBody) -> extras.ExtrasRequest:
     if body.gfpgan_visibility or body.codeformer_visibility:
         raise HTTPException(422, "face restoration (GFPGAN, CodeFormer) is not available; leave its visibility at 0")
-    return extras.ExtrasRequest(
-        resize_mode=body.resize_mode,
-        upscaling_resize=body.upscaling_resize,
-        upscaling_resize_w=body.upscaling_resize_w,
-        upscaling_resize_h=body.upscaling_resize_h,
-        upscaling_crop=body.upscaling_crop,
-        upscaler_1=body.upscaler_1,
-        upscaler_2=body.upscaler_2,
-        upscaler_2_visibility=body.extras_upscaler_2_visibility,
-    )
+    return extras.ExtrasRequest(**body.request_fields())
 
 
 def read_input(data: str, name: str) -> extras.ExtrasInput:

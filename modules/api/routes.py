@@ -24,58 +24,34 @@ OVERRIDES = {
     "sd_model_checkpoint": "checkpoint",
     "CLIP_stop_at_last_layers": "clip_skip",
     "randn_source": "noise_source",
+    "inpainting_mask_weight": "inpainting_mask_weight",
 }
 
 
 def request_from_body(body: api.Txt2ImgBody) -> GenerationRequest:
-    hires = dict(enable_hr=body.enable_hr, hr_scale=body.hr_scale, hr_second_pass_steps=body.hr_second_pass_steps,
-                 hr_resize_x=body.hr_resize_x, hr_resize_y=body.hr_resize_y)
-    # Absent (null) ones keep the request's defaults, as A1111 fills them.
-    hires.update({k: v for k, v in (("hr_upscaler", body.hr_upscaler), ("denoising_strength", body.denoising_strength))
-                  if v is not None})
-    return GenerationRequest(**_common_fields(body), **hires)
+    return GenerationRequest(**_generation_fields(body))
 
 
 def img2img_request_from_body(body: api.Img2ImgBody) -> Img2ImgRequest:
-    blur = body.mask_blur
-    if blur is None:
-        if body.mask_blur_x != body.mask_blur_y:
+    fields = _generation_fields(body)
+    if "mask_blur" not in body.model_fields_set:
+        across, down = (Img2ImgRequest.mask_blur if blur is None else blur for blur in (body.mask_blur_x, body.mask_blur_y))
+        if across != down:
             raise RequestError("different horizontal and vertical mask blur is not supported; send mask_blur")
-        blur = body.mask_blur_x
-    fields = dict(
-        init_images=tuple(body.init_images),
-        mask=body.mask,
-        denoising_strength=body.denoising_strength,
-        resize_mode=body.resize_mode,
-        mask_blur=blur,
-        inpainting_fill=body.inpainting_fill,
-        inpaint_full_res=body.inpaint_full_res,
-        inpaint_full_res_padding=body.inpaint_full_res_padding,
-        inpainting_mask_invert=body.inpainting_mask_invert,
-    )
+        fields["mask_blur"] = across
     if body.script_name:
         if body.script_name.strip().lower() != options.OUTPAINT_SCRIPT.lower():
             raise RequestError(f"script {body.script_name!r} is not available; img2img has: {options.OUTPAINT_SCRIPT}")
         args = list(body.script_args[:4]) + list(options.OUTPAINT_DEFAULTS[len(body.script_args):])
         fields.update(options.outpaint_fields(*args))
-    return Img2ImgRequest(**_common_fields(body), **fields)
+    return Img2ImgRequest(**fields)
 
 
-def _common_fields(body: api.GenerationBody) -> dict:
-    fields = dict(
-        prompt=body.prompt,
-        negative_prompt=body.negative_prompt,
-        seed=body.seed,
-        sampler_name=body.sampler_name or body.sampler_index or GenerationRequest.sampler_name,
-        scheduler=body.scheduler or GenerationRequest.scheduler,
-        batch_size=body.batch_size,
-        batch_count=body.n_iter,
-        steps=body.steps,
-        cfg_scale=body.cfg_scale,
-        width=body.width,
-        height=body.height,
-        styles=tuple(body.styles),
-    )
+def _generation_fields(body: api.GenerationApiFields) -> dict:
+    """The request fields of a /txt2img or /img2img body, with what override_settings sets."""
+    fields = body.request_fields()
+    if not body.sampler_name or "sampler_name" not in body.model_fields_set:  # older clients name it sampler_index
+        fields["sampler_name"] = body.sampler_index or GenerationRequest.sampler_name
     for key, value in body.override_settings.items():
         if key in OVERRIDES:
             fields[OVERRIDES[key]] = value
@@ -87,7 +63,7 @@ def _common_fields(body: api.GenerationBody) -> dict:
 def create_router(ctx) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1")
 
-    def run(make_request, body: api.GenerationBody, parameters: dict):
+    def run(make_request, body: api.GenerationApiFields, parameters: dict):
         try:
             request = make_request(body).validate()
         except (RequestError, TypeError) as e:

@@ -5,8 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import APIRouter, HTTPException
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
 
+from modules.api.models import RequestBody, request_body
 from modules.service.jobs import Job
 from modules.training import textual_inversion as ti
 
@@ -18,23 +19,24 @@ class CreateEmbeddingBody(BaseModel):
     overwrite_old: bool = False
 
 
-class TrainEmbeddingBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # A1111 clients also send hypernetwork-era fields
+class TrainingApiFields(RequestBody):
+    """What /train/embedding takes beside the training options; A1111 clients also send
+    hypernetwork-era fields, which are ignored."""
 
-    embedding_name: str
-    data_root: str
-    template_filename: str = "subject_filewords.txt"
-    learn_rate: str = "0.005"
-    batch_size: int = 1
-    gradient_step: int = 1
-    training_width: int = 512
-    training_height: int | None = None
-    steps: int = 1000
-    save_embedding_every: int = 500
-    create_image_every: int = 0
-    shuffle_tags: bool = False
-    tag_drop_out: float = 0.0
-    latent_sampling_method: str = "once"
+    training_height: int | None = None  # pictures are trained square: equal to training_width, or absent
+
+
+TrainEmbeddingBody = request_body(
+    "TrainEmbeddingBody", ti.TrainingOptions, base=TrainingApiFields,
+    api_names={"embedding": "embedding_name", "dataset": "data_root", "template": "template_filename",
+               "gradient_steps": "gradient_step", "size": "training_width", "save_every": "save_embedding_every",
+               "preview_every": "create_image_every", "tag_dropout": "tag_drop_out",
+               "latent_sampling": "latent_sampling_method"},
+    api_types={"dataset": str, "template": str},  # a folder on the server, a template file's name
+    api_defaults={"template": "subject_filewords.txt", "preview_every": 0},
+    leave_out=("clip_skip", "seed"),
+    doc="A1111's /sdapi/v1/train/embedding body.",
+)
 
 
 def add_routes(router: APIRouter, ctx) -> None:
@@ -54,13 +56,9 @@ def add_routes(router: APIRouter, ctx) -> None:
         if body.template_filename not in templates:
             raise HTTPException(422, f"template_filename {body.template_filename!r} not found; known: {', '.join(templates)}")
         try:
-            options = ti.TrainingOptions(
-                embedding=body.embedding_name, dataset=Path(body.data_root), template=templates[body.template_filename],
-                learn_rate=body.learn_rate, batch_size=body.batch_size, gradient_steps=body.gradient_step,
-                size=body.training_width, steps=body.steps, save_every=body.save_embedding_every,
-                preview_every=body.create_image_every, shuffle_tags=body.shuffle_tags, tag_dropout=body.tag_drop_out,
-                latent_sampling=body.latent_sampling_method,
-            ).validate()
+            options = ti.TrainingOptions(**{
+                **body.request_fields(), "dataset": Path(body.data_root), "template": templates[body.template_filename],
+            }).validate()
             result = ctx.jobs.run(Job(description="train embedding (api)"), ti.train_in_app, ctx, options)
         except ValueError as e:
             raise HTTPException(422, str(e))

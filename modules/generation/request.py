@@ -1,5 +1,7 @@
 """What the user asked for, as one frozen value that the UI and the API both build.
 
+Each field is declared once, here: its name (A1111's), its default, and for numbers and options
+its limits (modules/app/fields.py), which validate() checks and the API's schema shows.
 `validate()` is the single place where bad input is caught; everything below trusts a request
 that passed it.
 """
@@ -12,7 +14,9 @@ import random
 from dataclasses import dataclass
 from typing import Any
 
+from modules.app import fields
 from modules.app.errors import RequestError
+from modules.app.fields import bounded, indexed, one_of
 from modules.generation import options
 from modules.images import pictures
 from modules.prompting.extra_networks import parse_extra_networks
@@ -25,7 +29,9 @@ MAX_SIDE = 4096
 MAX_STEPS = 150
 MAX_BATCH_SIZE = 8
 MAX_BATCH_COUNT = 100
+MAX_CLIP_SKIP = 12
 MAX_HR_SCALE = 8.0
+MAX_OUTPAINT_PIXELS = 256
 # Sizes are kept to multiples of this, as every size the UI and API accept.
 SIZE_STEP = 8
 NOISE_SOURCES = ("CPU", "GPU")
@@ -37,25 +43,27 @@ class GenerationRequest:
     negative_prompt: str = ""
     sampler_name: str = "Euler a"
     scheduler: str = "Automatic"
-    steps: int = 20
-    cfg_scale: float = 7.0
-    seed: int = -1
-    width: int = 512
-    height: int = 512
-    batch_count: int = 1
-    batch_size: int = 1
-    clip_skip: int = 1
-    noise_source: str = "CPU"
+    steps: int = bounded(20, 1, MAX_STEPS)
+    cfg_scale: float = bounded(7.0, 1, 30, whole=False)
+    seed: int = bounded(-1, -1, MAX_SEED)  # -1: a random one
+    width: int = bounded(512, 64, MAX_SIDE, multiple=SIZE_STEP)
+    height: int = bounded(512, 64, MAX_SIDE, multiple=SIZE_STEP)
+    batch_count: int = bounded(1, 1, MAX_BATCH_COUNT)
+    batch_size: int = bounded(1, 1, MAX_BATCH_SIZE)
+    clip_skip: int = bounded(1, 1, MAX_CLIP_SKIP)
+    noise_source: str = one_of("CPU", NOISE_SOURCES)
     checkpoint: str | None = None  # None: whatever the model manager has selected
     styles: tuple[str, ...] = ()  # names in styles.csv, applied to the prompts in this order
     # Hires fix (txt2img, A1111's names): sample at width x height, upscale, then an img2img pass.
     enable_hr: bool = False
-    hr_scale: float = 2.0
+    hr_scale: float = bounded(2.0, 1, MAX_HR_SCALE, whole=False, only_with="enable_hr")
     hr_upscaler: str = "Latent"  # a latent upscale mode or an upscaler's name
-    hr_second_pass_steps: int = 0  # 0: as many as `steps`
-    hr_resize_x: int = 0  # a width and/or height to upscale to instead of by hr_scale (0: unset)
-    hr_resize_y: int = 0
-    denoising_strength: float = 0.7  # of the hires pass here; of the whole job in img2img
+    hr_second_pass_steps: int = bounded(0, 0, MAX_STEPS, only_with="enable_hr")  # 0: as many as `steps`
+    # A width and/or height to upscale to instead of by hr_scale (0: unset).
+    hr_resize_x: int = bounded(0, 0, MAX_SIDE, multiple=SIZE_STEP, only_with="enable_hr")
+    hr_resize_y: int = bounded(0, 0, MAX_SIDE, multiple=SIZE_STEP, only_with="enable_hr")
+    # Of the hires pass here; of the whole job in img2img.
+    denoising_strength: float = bounded(0.7, 0, 1, whole=False, only_with="enable_hr")
 
     mode = "txt2img"
 
@@ -70,25 +78,9 @@ class GenerationRequest:
     def validate(self) -> "GenerationRequest":
         """Returns the request with sampler/schedule names canonicalised; raises RequestError."""
         problems = []
-        for field, value, low, high in (
-            ("steps", self.steps, 1, MAX_STEPS),
-            ("width", self.width, 64, MAX_SIDE),
-            ("height", self.height, 64, MAX_SIDE),
-            ("batch_count", self.batch_count, 1, MAX_BATCH_COUNT),
-            ("batch_size", self.batch_size, 1, MAX_BATCH_SIZE),
-            ("clip_skip", self.clip_skip, 1, 12),
-            ("seed", self.seed, -1, MAX_SEED),
-        ):
-            if not isinstance(value, int) or isinstance(value, bool):
-                problems.append(f"{field} must be a whole number, got {value!r}")
-            elif not low <= value <= high:
-                problems.append(f"{field} must be between {low} and {high}, got {value}")
-        for field in ("width", "height"):
-            value = getattr(self, field)
-            if isinstance(value, int) and value % 8:
-                problems.append(f"{field} must be a multiple of 8, got {value}")
-        if not isinstance(self.cfg_scale, (int, float)) or not 1.0 <= self.cfg_scale <= 30.0:
-            problems.append(f"cfg_scale must be a number between 1 and 30, got {self.cfg_scale!r}")
+        if self.enable_hr not in (False, True):
+            problems.append(f"enable_hr must be true or false, got {self.enable_hr!r}")
+        problems += fields.problems(self)
         for field in ("prompt", "negative_prompt"):
             text = getattr(self, field)
             if not isinstance(text, str):
@@ -102,8 +94,6 @@ class GenerationRequest:
                 problems.append(f"{field}: {e}")
         if not isinstance(self.styles, (list, tuple)) or not all(isinstance(s, str) for s in self.styles):
             problems.append(f"styles must be a list of style names, got {self.styles!r}")
-        if self.noise_source not in NOISE_SOURCES:
-            problems.append(f"noise_source must be one of {', '.join(NOISE_SOURCES)}, got {self.noise_source!r}")
         sampler = scheduler = None
         try:
             sampler = find_sampler(self.sampler_name)
@@ -113,9 +103,7 @@ class GenerationRequest:
             scheduler = find_schedule(self.scheduler)
         except ValueError as e:
             problems.append(str(e))
-        if self.enable_hr not in (False, True):
-            problems.append(f"enable_hr must be true or false, got {self.enable_hr!r}")
-        elif self.enable_hr and not problems:
+        if self.enable_hr is True and not problems:
             problems += self._hires_problems()
         if problems:
             raise RequestError("; ".join(problems))
@@ -124,26 +112,14 @@ class GenerationRequest:
                             styles=tuple(self.styles), enable_hr=bool(self.enable_hr), **hires)
 
     def _hires_problems(self) -> list[str]:
+        """What the hires fix's fields, each within its limits, make wrong together."""
         problems = strength_problems(self.denoising_strength, self.hr_schedule_steps(), self.sampler_name)
         if not isinstance(self.hr_upscaler, str) or not self.hr_upscaler:
             problems.append(f"hr_upscaler must be the name of an upscaler, got {self.hr_upscaler!r}")
-        scale = self.hr_scale
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 1.0 <= scale <= MAX_HR_SCALE:
-            problems.append(f"hr_scale must be a number from 1 to {MAX_HR_SCALE:g}, got {scale!r}")
-        for field, value, low, high in (
-            ("hr_second_pass_steps", self.hr_second_pass_steps, 0, MAX_STEPS),
-            ("hr_resize_x", self.hr_resize_x, 0, MAX_SIDE),
-            ("hr_resize_y", self.hr_resize_y, 0, MAX_SIDE),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-                problems.append(f"{field} must be a whole number from {low} to {high}, got {value!r}")
-            elif field != "hr_second_pass_steps" and value % 8:
-                problems.append(f"{field} must be a multiple of 8, got {value}")
-        if not problems:
-            width, height = self.hr_target_size()
-            if max(width, height) > MAX_SIDE or min(width, height) < 64:
-                problems.append(f"the hires fix would make {width}x{height} pictures; each side must be from "
-                                f"64 to {MAX_SIDE}")
+        width, height = self.hr_target_size()
+        if max(width, height) > MAX_SIDE or min(width, height) < 64:
+            problems.append(f"the hires fix would make {width}x{height} pictures; each side must be from "
+                            f"64 to {MAX_SIDE}")
         return problems
 
     def hr_cover_size(self) -> tuple[int, int]:
@@ -181,9 +157,7 @@ def _floor(value: float) -> int:
 
 
 def strength_problems(strength, steps, sampler_name) -> list[str]:
-    """What is wrong with a denoising strength for an img2img pass of `steps` steps."""
-    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 <= strength <= 1.0:
-        return [f"denoising_strength must be a number from 0 to 1, got {strength!r}"]
+    """What is wrong with a denoising strength (within its limits) for an img2img pass of `steps` steps."""
     if strength > 0 and isinstance(steps, int) and not isinstance(steps, bool) and 1 <= steps <= MAX_STEPS:
         with contextlib.suppress(ValueError):
             sampler = find_sampler(sampler_name)
@@ -191,9 +165,6 @@ def strength_problems(strength, steps, sampler_name) -> list[str]:
                 return [f"{sampler.name} needs at least 2 noise levels, but denoising strength {strength} of "
                         f"{steps} steps leaves 1; raise the strength or the steps, or pick another sampler"]
     return []
-
-
-MAX_OUTPAINT_PIXELS = 256
 
 
 @dataclass(frozen=True)
@@ -208,15 +179,16 @@ class Img2ImgRequest(GenerationRequest):
 
     init_images: tuple = ()
     mask: Any = None  # white (or painted, for a picture with transparency) = regenerate
-    denoising_strength: float = 0.75
-    resize_mode: int = 0  # index into options.RESIZE_MODES
-    mask_blur: int = 4
-    inpainting_fill: int = 1  # index into options.MASKED_CONTENT; 1: original
+    denoising_strength: float = bounded(0.75, 0, 1, whole=False)
+    resize_mode: int = indexed(0, [m.name for m in options.RESIZE_MODES])
+    mask_blur: int = bounded(4, 0, 128)
+    inpainting_fill: int = indexed(1, options.MASKED_CONTENT)  # 1: original
     inpaint_full_res: bool = False  # "Inpaint area": False whole picture, True only masked
-    inpaint_full_res_padding: int = 32
-    inpainting_mask_invert: int = 0  # "Mask mode": 0 inpaint masked, 1 inpaint not masked
-    inpainting_mask_weight: float = 1.0  # "Conditional mask weight" (inpainting models)
-    outpaint_pixels: int = 0  # "Poor man's outpainting": 0 off, else pixels added per direction
+    inpaint_full_res_padding: int = bounded(32, 0, 256)
+    inpainting_mask_invert: int = indexed(0, options.MASK_MODES)  # "Mask mode": 0 inpaint masked, 1 not masked
+    inpainting_mask_weight: float = bounded(1.0, 0, 1, whole=False)  # "Conditional mask weight" (inpainting models)
+    # "Poor man's outpainting": 0 off, else the pixels added in each direction.
+    outpaint_pixels: int = bounded(0, 0, MAX_OUTPAINT_PIXELS, multiple=SIZE_STEP)
     outpaint_directions: tuple[str, ...] = options.OUTPAINT_DIRECTIONS
 
     mode = "img2img"
@@ -288,31 +260,14 @@ class Img2ImgRequest(GenerationRequest):
             return images, None
 
     def _option_problems(self) -> list[str]:
-        problems = strength_problems(self.denoising_strength, self.steps, self.sampler_name)
+        """What the fields' limits do not cover: the sampler's levels, flags, directions."""
+        problems = []
+        if isinstance(self.denoising_strength, (int, float)) and 0 <= self.denoising_strength <= 1:
+            problems += strength_problems(self.denoising_strength, self.steps, self.sampler_name)
         if self.enable_hr:
             problems.append("enable_hr: the hires fix is a txt2img option")
-        weight = self.inpainting_mask_weight
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
-            problems.append(f"inpainting_mask_weight must be a number from 0 to 1, got {weight!r}")
-        for name, value, choices in (
-            ("resize_mode", self.resize_mode, [m.name for m in options.RESIZE_MODES]),
-            ("inpainting_fill", self.inpainting_fill, options.MASKED_CONTENT),
-            ("inpainting_mask_invert", self.inpainting_mask_invert, options.MASK_MODES),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < len(choices):
-                listed = ", ".join(f"{i} ({c})" for i, c in enumerate(choices))
-                problems.append(f"{name} must be one of {listed}; got {value!r}")
-        for name, value, high in (
-            ("mask_blur", self.mask_blur, 128),
-            ("inpaint_full_res_padding", self.inpaint_full_res_padding, 256),
-            ("outpaint_pixels", self.outpaint_pixels, MAX_OUTPAINT_PIXELS),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= high:
-                problems.append(f"{name} must be a whole number from 0 to {high}, got {value!r}")
         if not isinstance(self.inpaint_full_res, (bool, int)) or self.inpaint_full_res not in (0, 1):
             problems.append(f"inpaint_full_res must be true or false, got {self.inpaint_full_res!r}")
-        if isinstance(self.outpaint_pixels, int) and self.outpaint_pixels % 8:
-            problems.append(f"outpaint_pixels must be a multiple of 8, got {self.outpaint_pixels}")
         directions = self.outpaint_directions
         if self.outpaint_pixels and (
             isinstance(directions, str) or not isinstance(directions, (tuple, list)) or not directions

@@ -18,6 +18,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from modules.app import fields
+from modules.app.fields import bounded, indexed
 from modules.images import image_info, storage
 from modules.images.infotext import format_params_line
 from modules.postprocess.upscalers import NONE, target_size
@@ -36,28 +38,18 @@ class ExtrasError(ValueError):
 
 @dataclass(frozen=True)
 class ExtrasRequest:
-    resize_mode: int = 0  # 0: scale by `upscaling_resize`; 1: scale to width x height
-    upscaling_resize: float = 2.0
-    upscaling_resize_w: int = 512
-    upscaling_resize_h: int = 512
+    resize_mode: int = indexed(0, RESIZE_MODES)  # 0: scale by `upscaling_resize`; 1: scale to width x height
+    upscaling_resize: float = bounded(2.0, 0, MAX_SCALE, whole=False, low_allowed=False)
+    upscaling_resize_w: int = bounded(512, 1, MAX_OUTPUT_SIDE)
+    upscaling_resize_h: int = bounded(512, 1, MAX_OUTPUT_SIDE)
     upscaling_crop: bool = True  # scale to: crop the result to exactly width x height
     upscaler_1: str = NONE.name
     upscaler_2: str = NONE.name
-    upscaler_2_visibility: float = 0.0
+    upscaler_2_visibility: float = bounded(0.0, 0, 1, whole=False)
 
     def validate(self, upscaler_names: Iterable[str]) -> "ExtrasRequest":
         names = list(upscaler_names)
-        problems = []
-        if self.resize_mode not in (0, 1):
-            problems.append(f"resize_mode must be 0 (scale by) or 1 (scale to), got {self.resize_mode!r}")
-        if not _number(self.upscaling_resize) or not 0 < self.upscaling_resize <= MAX_SCALE:
-            problems.append(f"upscaling_resize must be a number above 0 and at most {MAX_SCALE:g}, got {self.upscaling_resize!r}")
-        for name in ("upscaling_resize_w", "upscaling_resize_h"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_OUTPUT_SIDE:
-                problems.append(f"{name} must be a whole number from 1 to {MAX_OUTPUT_SIDE}, got {value!r}")
-        if not _number(self.upscaler_2_visibility) or not 0 <= self.upscaler_2_visibility <= 1:
-            problems.append(f"upscaler_2_visibility must be between 0 and 1, got {self.upscaler_2_visibility!r}")
+        problems = fields.problems(self)
         for name in ("upscaler_1", "upscaler_2"):
             if getattr(self, name) not in names:
                 problems.append(f"{name}: no upscaler called {getattr(self, name)!r}; available: {', '.join(names)}")
@@ -65,10 +57,6 @@ class ExtrasRequest:
             raise ExtrasError("; ".join(problems))
         return dataclasses.replace(self, upscaling_resize=float(self.upscaling_resize),
                                    upscaler_2_visibility=float(self.upscaler_2_visibility), upscaling_crop=bool(self.upscaling_crop))
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass

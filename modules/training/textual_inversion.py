@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from modules.app import fields
+from modules.app.fields import bounded, one_of
 from modules.app.fileio import atomic_write
 from modules.generation import pipeline
 from modules.generation.request import GenerationRequest
@@ -41,6 +43,7 @@ from modules.training import ti_dataset
 from modules.training.lr_schedule import parse_schedule
 
 EMBEDDING_SUFFIXES = (".pt", ".safetensors")
+MAX_STEPS = 10**7
 MAX_VECTORS = CHUNK_TOKENS
 # Names become file names and prompt words: letters, digits, '-', '_' and '.' only.
 _NAME = re.compile(r"^[\w.-]+$")
@@ -160,32 +163,20 @@ class TrainingOptions:
     dataset: Path
     template: Path
     learn_rate: str = "0.005"
-    batch_size: int = 1
-    gradient_steps: int = 1
-    size: int = 512
-    steps: int = 1000
-    save_every: int = 500  # 0: only at the end
-    preview_every: int = 500  # 0: never
+    batch_size: int = bounded(1, 1, 64)
+    gradient_steps: int = bounded(1, 1, 1000)
+    size: int = bounded(512, 8, 4096)
+    steps: int = bounded(1000, 1, MAX_STEPS)
+    save_every: int = bounded(500, 0, MAX_STEPS)  # 0: only at the end
+    preview_every: int = bounded(500, 0, MAX_STEPS)  # 0: never
     shuffle_tags: bool = False
-    tag_dropout: float = 0.0
-    latent_sampling: str = "once"
-    clip_skip: int = 1
+    tag_dropout: float = bounded(0.0, 0, 1, whole=False)
+    latent_sampling: str = one_of("once", ti_dataset.LATENT_SAMPLING)
+    clip_skip: int = bounded(1, 1, 12)
     seed: int = 0
 
     def validate(self) -> "TrainingOptions":
-        problems = []
-        for field, value, low, high in (
-            ("batch_size", self.batch_size, 1, 64), ("gradient_steps", self.gradient_steps, 1, 1000),
-            ("size", self.size, 8, 4096), ("steps", self.steps, 1, 10**7),
-            ("save_every", self.save_every, 0, 10**7), ("preview_every", self.preview_every, 0, 10**7),
-            ("clip_skip", self.clip_skip, 1, 12),
-        ):
-            if not isinstance(value, int) or not low <= value <= high:
-                problems.append(f"{field} must be a whole number between {low} and {high}, got {value!r}")
-        if not 0.0 <= self.tag_dropout <= 1.0:
-            problems.append(f"tag dropout must be between 0 and 1, got {self.tag_dropout!r}")
-        if self.latent_sampling not in ti_dataset.LATENT_SAMPLING:
-            problems.append(f"latent sampling method must be one of {', '.join(ti_dataset.LATENT_SAMPLING)}")
+        problems = fields.problems(self)
         try:
             parse_schedule(self.learn_rate)
         except ValueError as e:
