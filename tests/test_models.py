@@ -211,15 +211,19 @@ def test_inpainting_unet_takes_c_concat():
     assert out.shape == x.shape
 
 
-def test_half_precision_unet_returns_input_dtype():
-    model = tiny_sd_model(seed=0)
-    model.model.to(torch.bfloat16)
-    x = torch.randn(1, 4, 8, 8)
+@pytest.mark.parametrize("dtype, tolerance", [(torch.float16, 0.01), (torch.bfloat16, 0.05)])
+def test_half_precision_unet_matches_float32_and_returns_the_inputs_dtype(dtype, tolerance):
+    generator = torch.Generator().manual_seed(0)
+    x, context = torch.randn(2, 4, 8, 8, generator=generator), torch.randn(2, 77, 32, generator=generator)
+    t = torch.tensor([10.0, 700.0])
+    half = tiny_sd_model(seed=0)
+    half.model.to(dtype)
     with torch.no_grad():
-        out = model.apply_model(x, torch.tensor([10.0]), torch.randn(1, 77, 32))
-        ref = tiny_sd_model(seed=0).apply_model(x, torch.tensor([10.0]), torch.randn(1, 77, 32))
-    assert out.dtype == torch.float32
-    assert out.shape == ref.shape and torch.isfinite(out).all()
+        out = half.apply_model(x, t, context)
+        ref = tiny_sd_model(seed=0).apply_model(x, t, context)
+    assert out.dtype == torch.float32 and next(half.model.parameters()).dtype == dtype
+    assert not torch.equal(out, ref)  # it really ran in half precision
+    assert ((out - ref).norm() / ref.norm()).item() < tolerance
 
 
 def test_sizes_must_agree():
