@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "models" / "Stable-diffusion" / "builtin-shapes.safetensors"
 sys.path.insert(0, str(ROOT / "bench"))
 import builtin_model_eval  # noqa: E402
+import ti_eval  # noqa: E402
 
 TINY_RECIPE = [
     "--resolution", "32", "--images", "16", "--vae-ch", "32", "--vae-ch-mult", "1,2", "--vae-steps", "2",
@@ -299,10 +300,32 @@ def test_training_on_from_a_checkpoint_of_other_networks_is_refused(trained, tmp
 
 def test_evaluation_runs_on_a_few_samples(trained):
     model = builtin_model_eval.load_model(trained)
-    scores, seconds, prompts, pictures = builtin_model_eval.evaluate(model, n=2, steps=2)
+    scores, seconds, prompts, pictures = builtin_model_eval.evaluate(model, n=2, seed=4321, steps=2)
     assert set(scores) == set(builtin_model_eval.ATTRIBUTES)
     assert all(0.0 <= v <= 1.0 for v in scores.values())
     assert seconds > 0 and len(prompts) == 2 and pictures.shape == (2, 32, 32, 3)
+
+
+def test_evaluation_reports_each_prompt_set_and_marks_the_one_that_chose_the_model(trained, capsys):
+    builtin_model_eval.main(["--model", str(trained), "--n", "1", "--steps", "2", "--inpaint",
+                             "--seeds", "5", str(builtin_model_eval.SELECTION_SEED)])
+    out = capsys.readouterr().out
+    assert "generated, prompt set 5: " in out and "inpainted, prompt set 5: " in out
+    assert f"generated, prompt set {builtin_model_eval.SELECTION_SEED} (chose the shipped export" in out
+    assert "generated, all 2 sets: " in out and "inpainted, all 2 sets: " in out
+    assert not set(builtin_model_eval.FRESH_SEEDS) & {builtin_model_eval.SELECTION_SEED}
+
+
+def test_textual_inversion_evaluation_also_asks_in_words_and_on_backgrounds_never_trained_on():
+    rng = random.Random(0)
+    trained_on = ti_eval.training_prompts(20, rng)
+    unseen = ti_eval.unseen_prompts(20, rng)
+    assert {bg for _, bg in trained_on} <= set(ti_eval.BACKGROUNDS)
+    assert not {bg for _, bg in unseen} & set(ti_eval.BACKGROUNDS)
+    assert ti_eval.CONCEPT[0] not in {bg for _, bg in trained_on + unseen}
+    form = ti_eval.TEMPLATE.replace("[name]", ti_eval.NAME).replace("[filewords]", "on a")
+    assert all(p.startswith(form) for p, _ in trained_on) and not any(p.startswith(form) for p, _ in unseen)
+    assert all(ti_eval.NAME in p and bg in p for p, bg in unseen)
 
 
 def test_inpainting_cases_change_only_the_masked_box_and_only_shape_and_colour():
@@ -321,9 +344,9 @@ def test_inpainting_cases_change_only_the_masked_box_and_only_shape_and_colour()
 
 def test_inpainting_evaluation_runs_on_a_few_samples(trained):
     model = builtin_model_eval.load_model(trained)
-    scores, seconds, pictures = builtin_model_eval.evaluate_inpainting(model, n=2, steps=2)
+    scores, seconds, pictures = builtin_model_eval.evaluate_inpainting(model, n=2, seed=4321, steps=2)
     assert set(scores) == set(builtin_model_eval.ATTRIBUTES) and all(0.0 <= v <= 1.0 for v in scores.values())
-    _, starts, masks = builtin_model_eval.edit_cases(2, 1234, 32)
+    _, starts, masks = builtin_model_eval.edit_cases(2, 4321, 32)
     assert seconds > 0 and pictures.shape == (2, 32, 32, 3)
     # Where the blurred mask does not reach, the starting picture is kept exactly.
     blur = Img2ImgRequest().mask_blur
