@@ -86,7 +86,8 @@ def test_listings(server):
     samplers = {s["name"] for s in httpx.get(f"{server}/sdapi/v1/samplers").json()}
     assert {"Euler", "Euler a", "DPM++ 2M", "DPM++ SDE", "DDIM", "DPM adaptive"} <= samplers
     models = httpx.get(f"{server}/sdapi/v1/sd-models").json()
-    assert [m["title"] for m in models] == ["tiny.safetensors"]
+    # The data folder's own, then the built-in model that comes with the code.
+    assert [m["title"] for m in models] == ["tiny.safetensors", "builtin-shapes.safetensors"]
 
 
 def test_png_info_reads_back_what_we_wrote(server):

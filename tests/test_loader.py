@@ -296,3 +296,37 @@ def test_lowvram_block_streaming_leaves_the_unet_output_unchanged(tiny_data_dir)
     t = torch.tensor([10.0, 700.0])
     with torch.no_grad():
         torch.testing.assert_close(streamed.apply_model(x, t, context), plain.apply_model(x, t, context))
+
+
+SHIPPED = "builtin-shapes.safetensors"
+
+
+def test_a_new_data_folder_lists_and_generates_with_the_shipped_model(tmp_path):
+    from modules.app.config import Flags
+    from modules.context import AppContext
+    from modules.generation import pipeline
+    from modules.generation.request import GenerationRequest
+
+    ctx = AppContext.create(Flags(data_dir=tmp_path / "fresh", device="cpu"))
+    assert [c.title for c in ctx.models.checkpoints()] == [SHIPPED]
+    assert ctx.models.default_checkpoint().path == ctx.paths.shipped_checkpoints / SHIPPED
+    request = GenerationRequest(prompt="a large red circle on a blue background", width=64, height=64, steps=4, seed=1)
+    result = pipeline.generate(ctx, request, save=True)
+    assert "Model: builtin-shapes" in result.infotexts[0]
+    assert result.paths[0].is_relative_to(tmp_path / "fresh" / "outputs")  # the data folder, not the checkout
+
+
+def test_the_data_folders_own_checkpoints_come_first_and_win_a_shared_name(tiny_data_dir, tmp_path):
+    import shutil
+
+    from modules.app.config import Paths
+    from modules.models.memory import DevicePolicy, ModelManager
+
+    policy = DevicePolicy(torch.device("cpu"), torch.float32, torch.float32, "none")
+    listed = ModelManager(Paths(tiny_data_dir), policy).checkpoints()
+    assert [c.title for c in listed] == ["tiny.safetensors", SHIPPED]
+    assert ModelManager(Paths(tiny_data_dir), policy).default_checkpoint().title == "tiny.safetensors"
+    own = tmp_path / "models" / "Stable-diffusion"
+    own.mkdir(parents=True)
+    shutil.copy(tiny_data_dir / "models" / "Stable-diffusion" / "tiny.safetensors", own / SHIPPED)
+    assert [(c.title, c.path) for c in ModelManager(Paths(tmp_path), policy).checkpoints()] == [(SHIPPED, own / SHIPPED)]

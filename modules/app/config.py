@@ -66,6 +66,11 @@ class Paths:
         return self.root / "models" / "Stable-diffusion"
 
     @property
+    def shipped_checkpoints(self) -> Path:
+        """The checkpoints that come with the code (the built-in model), whatever the data folder."""
+        return ROOT / "models" / "Stable-diffusion"
+
+    @property
     def vae(self) -> Path:
         return self.root / "models" / "VAE"
 

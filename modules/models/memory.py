@@ -86,11 +86,16 @@ class ModelManager:
     # -- listing -------------------------------------------------------------------------------
 
     def checkpoints(self) -> list[CheckpointInfo]:
+        """The data folder's checkpoints, the built-in model first (the default on a fresh clone);
+        then the models shipped with the code that the data folder lacks, so that a new data
+        folder can generate too."""
         root = self.paths.checkpoints
         files = [p for p in root.rglob("*") if p.suffix.lower() in CHECKPOINT_SUFFIXES and p.is_file()] if root.is_dir() else []
-        infos = [CheckpointInfo(p, p.relative_to(root).as_posix()) for p in files]
-        # The built-in model first: it is the default on a fresh clone.
-        return sorted(infos, key=lambda c: (not c.path.name.startswith(BUILTIN_PREFIX), c.title.lower()))
+        infos = sorted((CheckpointInfo(p, p.relative_to(root).as_posix()) for p in files),
+                       key=lambda c: (not c.path.name.startswith(BUILTIN_PREFIX), c.title.lower()))
+        titles = {c.title for c in infos}
+        shipped = sorted(self.paths.shipped_checkpoints.glob(f"{BUILTIN_PREFIX}*.safetensors"))
+        return infos + [CheckpointInfo(p, p.name) for p in shipped if p.name not in titles]
 
     def vaes(self) -> list[Path]:
         root = self.paths.vae
