@@ -135,3 +135,15 @@ def test_the_openapi_schema_shows_the_requests_limits(ctx):
     assert (width["minimum"], width["maximum"], width["multipleOf"]) == (64, 4096, 8)
     fill = schemas["Img2ImgBody"]["properties"]["inpainting_fill"]
     assert fill["default"] == 0 and fill["enum"] == [0, 1, 2, 3]
+
+
+def test_widget_values_become_request_fields_of_the_right_types():
+    from modules.ui.common import form_fields
+
+    values = {"steps": 20.0, "cfg_scale": 7, "seed": None, "checkpoint": "", "styles": ["a", "b"], "enable_hr": 1,
+              "prompt": "a cat"}
+    fields = form_fields(GenerationRequest, values)
+    assert fields == {"steps": 20, "cfg_scale": 7.0, "styles": ("a", "b"), "enable_hr": True, "prompt": "a cat"}
+    assert [type(fields[k]) for k in ("steps", "cfg_scale")] == [int, float]
+    request = GenerationRequest(**fields)
+    assert (request.seed, request.checkpoint) == (-1, None)  # empty widgets keep the defaults

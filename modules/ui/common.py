@@ -5,8 +5,10 @@ from __future__ import annotations
 import html
 import logging
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import gradio as gr
 
@@ -17,6 +19,20 @@ log = logging.getLogger(__name__)
 POLL_SECONDS = 0.4
 # Errors whose message is already written for a person; anything else is a bug and is logged in full.
 PEOPLE_ERRORS = (ValueError, LookupError, OSError)
+
+def form_fields(request_type: type, values: dict[str, Any]) -> dict[str, Any]:
+    """Request fields from widget values keyed by field name. Gradio gives a slider's value as a
+    float and an empty box as None or "", so each value becomes its field's type; an empty one
+    leaves the field's default."""
+    hints = typing.get_type_hints(request_type)
+    fields = {}
+    for name, value in values.items():
+        if value is None or value == "":
+            continue
+        kind = hints[name]
+        fields[name] = tuple(value) if typing.get_origin(kind) is tuple else kind(value) if kind in (int, float, bool) else value
+    return fields
+
 
 def progress_html(job: Job) -> str:
     if job.finished:

@@ -13,7 +13,7 @@ from modules.generation.request import Img2ImgRequest
 from modules.sampling.registry import SAMPLERS
 from modules.sampling.schedules import SCHEDULES
 from modules.service.jobs import Job
-from modules.ui.common import OutputPanel, PromptArea, SeedRow, wire_generation
+from modules.ui.common import OutputPanel, PromptArea, SeedRow, form_fields, wire_generation
 from modules.ui.paste import PasteTarget
 
 # The source tabs, in order: the index is what the tab's select event stores.
@@ -117,11 +117,19 @@ def build(ctx, checkpoint: gr.Dropdown) -> tuple[PasteTarget, PasteTarget]:
         with gr.Column():
             out = OutputPanel.build("img2img")
 
+    # The widget of each request field that pasted parameters can set (modules/ui/paste.py; the
+    # picture goes to the img2img source) ...
+    fields = {"prompt": prompt, "negative_prompt": negative, "sampler_name": sampler, "scheduler": scheduler,
+              "steps": steps, "cfg_scale": cfg_scale, "seed": seed, "width": width, "height": height,
+              "batch_count": batch_count, "batch_size": batch_size, "clip_skip": clip_skip, "noise_source": noise_source,
+              "checkpoint": checkpoint, "denoising_strength": denoising, "mask_blur": mask_blur,
+              "inpaint_full_res_padding": padding, "inpainting_mask_weight": mask_weight}
+    # ... and the options chosen by their index, which Generate reads too.
+    by_index = {"resize_mode": resize_mode, "inpainting_fill": masked_content, "inpainting_mask_invert": mask_mode,
+                "inpaint_full_res": inpaint_area}
     inputs = {
-        source, prompt, negative, image, editor, upload_image, upload_mask, input_dir, output_dir, mask_dir, resize_mode,
-        mask_blur, mask_mode, masked_content, inpaint_area, padding, sampler, scheduler, steps, width, height,
-        batch_count, batch_size, cfg_scale, denoising, seed, clip_skip, noise_source, mask_weight, script,
-        out_pixels, out_blur, out_content, out_directions, checkpoint,
+        source, image, editor, upload_image, upload_mask, input_dir, output_dir, mask_dir, script,
+        out_pixels, out_blur, out_content, out_directions, *fields.values(), *by_index.values(),
     }
 
     def make_request(v: dict) -> Img2ImgRequest:
@@ -135,20 +143,11 @@ def build(ctx, checkpoint: gr.Dropdown) -> tuple[PasteTarget, PasteTarget]:
         }[kind]()
         if kind in (1, 2) and pictures is not None and mask is None:
             raise RequestError("no mask: paint over the part of the picture to regenerate" if kind == 1 else "upload a mask too")
-        fields = dict(
-            prompt=v[prompt], negative_prompt=v[negative], sampler_name=v[sampler], scheduler=v[scheduler],
-            steps=int(v[steps]), cfg_scale=float(v[cfg_scale]), seed=int(v[seed] if v[seed] is not None else -1),
-            width=int(v[width]), height=int(v[height]), batch_count=int(v[batch_count]), batch_size=int(v[batch_size]),
-            clip_skip=int(v[clip_skip]), noise_source=v[noise_source], checkpoint=v[checkpoint] or None,
-            init_images=(pictures,) if pictures is not None else (), mask=mask,
-            denoising_strength=float(v[denoising]), resize_mode=v[resize_mode], mask_blur=int(v[mask_blur]),
-            inpainting_fill=v[masked_content], inpaint_full_res=bool(v[inpaint_area]),
-            inpaint_full_res_padding=int(v[padding]), inpainting_mask_invert=v[mask_mode],
-            inpainting_mask_weight=float(v[mask_weight]),
-        )
+        request_fields = form_fields(Img2ImgRequest, {name: v[widget] for name, widget in {**fields, **by_index}.items()})
+        request_fields.update(init_images=(pictures,) if pictures is not None else (), mask=mask)
         if v[script] == options.OUTPAINT_SCRIPT:
-            fields.update(options.outpaint_fields(int(v[out_pixels]), int(v[out_blur]), v[out_content], v[out_directions]))
-        return Img2ImgRequest(**fields)
+            request_fields.update(options.outpaint_fields(int(v[out_pixels]), int(v[out_blur]), v[out_content], v[out_directions]))
+        return Img2ImgRequest(**request_fields)
 
     def run(v: dict):
         try:
@@ -178,13 +177,6 @@ def build(ctx, checkpoint: gr.Dropdown) -> tuple[PasteTarget, PasteTarget]:
     # unqueued event did not receive.
     editor.upload(lambda value: size_of((value or {}).get("background")), inputs=editor, outputs=[width, height])
     script.change(lambda name: gr.update(visible=name == options.OUTPAINT_SCRIPT), inputs=script, outputs=outpaint_options, queue=False)
-    # Pasted parameters (PNG Info's "Send to img2img") land in the widgets of the request fields
-    # they name; the picture goes to the img2img source.
-    fields = {"prompt": prompt, "negative_prompt": negative, "sampler_name": sampler, "scheduler": scheduler,
-              "steps": steps, "cfg_scale": cfg_scale, "seed": seed, "width": width, "height": height,
-              "clip_skip": clip_skip, "noise_source": noise_source, "checkpoint": checkpoint,
-              "denoising_strength": denoising, "mask_blur": mask_blur, "inpaint_full_res_padding": padding,
-              "inpainting_mask_weight": mask_weight}
     return (
         PasteTarget(tab_id="img2img", label="img2img", fields=fields, image=image,
                     image_updates={sources: gr.update(selected="img2img_tab_img2img"), source: 0,

@@ -12,7 +12,7 @@ from modules.sampling.registry import SAMPLERS
 from modules.sampling.schedules import SCHEDULES
 from modules.service.jobs import Job
 from modules.ui import prompt_tools
-from modules.ui.common import OutputPanel, PromptArea, SeedRow, wire_generation
+from modules.ui.common import OutputPanel, PromptArea, SeedRow, form_fields, wire_generation
 
 
 def final_size(width, height, scale, resize_x, resize_y) -> str:
@@ -63,25 +63,18 @@ def build(ctx, checkpoint: gr.Dropdown) -> dict:
         with gr.Column():
             out = OutputPanel.build("txt2img")
 
-    inputs = [prompt, negative, sampler, scheduler, steps, cfg_scale, seed, width, height, batch_count, batch_size, clip_skip,
-              noise_source, checkpoint, styles, enable_hr, hr_upscaler, hr_steps, denoising, hr_scale, hr_resize_x, hr_resize_y]
-
-    def make_request(prompt, negative, sampler, scheduler, steps, cfg_scale, seed, width, height, batch_count, batch_size,
-                     clip_skip, noise_source, checkpoint, styles, enable_hr, hr_upscaler, hr_steps, denoising, hr_scale,
-                     hr_resize_x, hr_resize_y) -> GenerationRequest:
-        return GenerationRequest(
-            prompt=prompt, negative_prompt=negative, sampler_name=sampler, scheduler=scheduler,
-            steps=int(steps), cfg_scale=float(cfg_scale), seed=int(seed if seed is not None else -1),
-            width=int(width), height=int(height), batch_count=int(batch_count), batch_size=int(batch_size),
-            clip_skip=int(clip_skip), noise_source=noise_source, checkpoint=checkpoint or None,
-            styles=tuple(styles or ()), enable_hr=bool(enable_hr), hr_upscaler=hr_upscaler,
-            hr_second_pass_steps=int(hr_steps), denoising_strength=float(denoising), hr_scale=float(hr_scale),
-            hr_resize_x=int(hr_resize_x), hr_resize_y=int(hr_resize_y),
-        )
+    # The widget of each request field: what Generate reads, and where pasted parameters land
+    # (modules/ui/paste.py).
+    fields = {"prompt": prompt, "negative_prompt": negative, "sampler_name": sampler, "scheduler": scheduler,
+              "steps": steps, "cfg_scale": cfg_scale, "seed": seed, "width": width, "height": height,
+              "batch_count": batch_count, "batch_size": batch_size, "clip_skip": clip_skip,
+              "noise_source": noise_source, "checkpoint": checkpoint, "styles": styles, "enable_hr": enable_hr,
+              "hr_upscaler": hr_upscaler, "hr_second_pass_steps": hr_steps, "denoising_strength": denoising,
+              "hr_scale": hr_scale, "hr_resize_x": hr_resize_x, "hr_resize_y": hr_resize_y}
 
     def run(*values):
         try:
-            request = make_request(*values).validate()
+            request = GenerationRequest(**form_fields(GenerationRequest, dict(zip(fields, values)))).validate()
         except (RequestError, TypeError, ValueError) as e:
             raise gr.Error(str(e))
         yield from out.stream(ctx, Job(description="txt2img"), pipeline.generate, request)
@@ -91,10 +84,5 @@ def build(ctx, checkpoint: gr.Dropdown) -> dict:
     for component in hr_size_inputs:
         component.change(final_size, inputs=hr_size_inputs, outputs=hr_final, queue=False)
 
-    wire_generation(ctx, run, inputs, out, area, seed_row)
-    # Keyed by GenerationRequest field, so that pasted parameters find their widgets (modules/ui/paste.py).
-    return {"width": width, "height": height, "prompt": prompt, "negative_prompt": negative, "sampler_name": sampler,
-            "scheduler": scheduler, "steps": steps, "cfg_scale": cfg_scale, "seed": seed, "clip_skip": clip_skip,
-            "noise_source": noise_source, "checkpoint": checkpoint, "enable_hr": enable_hr, "hr_upscaler": hr_upscaler,
-            "hr_second_pass_steps": hr_steps, "denoising_strength": denoising, "hr_scale": hr_scale,
-            "hr_resize_x": hr_resize_x, "hr_resize_y": hr_resize_y}
+    wire_generation(ctx, run, list(fields.values()), out, area, seed_row)
+    return fields
