@@ -136,3 +136,15 @@ def test_an_import_inside_a_function_says_why():
                     if "#" not in here and not above.strip().startswith("#"):
                         unexplained.append(f"{name}:{node.lineno}")
     assert not unexplained, "imports inside functions without a comment saying why: " + ", ".join(unexplained)
+
+
+def test_the_small_modules_below_everything_load_no_torch():
+    """The error type, field limits, option tables, picture decoding and the infotext format are
+    read by every layer, the API's validation included, without a model."""
+    import subprocess
+    import sys
+
+    light = ["modules.app.errors", "modules.app.fields", "modules.generation.options", "modules.images.pictures",
+             "modules.images.infotext"]
+    code = f"import importlib, sys; [importlib.import_module(m) for m in {light!r}]; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=ROOT).returncode == 0

@@ -56,13 +56,12 @@ def request_body(name: str, request_type: type, *, base: type[RequestBody] = Req
     for f in dataclasses.fields(request_type):
         if f.name in leave_out:
             continue
-        default = api_defaults.get(f.name, f.default)
-        rule = limits(f)
+        default, rule = api_defaults.get(f.name, f.default), limits(f)
+        schema = rule.schema() if rule else None
         if default is dataclasses.MISSING:
-            field = Field(json_schema_extra=rule.schema() if rule else None)  # required
+            field = Field(json_schema_extra=schema)  # required
         else:
-            field = Field(default=list(default) if isinstance(default, tuple) else default,
-                          json_schema_extra=rule.schema() if rule else None)
+            field = Field(default=list(default) if isinstance(default, tuple) else default, json_schema_extra=schema)
         definitions[api_names.get(f.name, f.name)] = (api_types.get(f.name, _json_type(hints[f.name])), field)
     body = create_model(name, __base__=base, __doc__=doc or None, **definitions)
     body.request_type, body.api_names = request_type, api_names
@@ -78,8 +77,9 @@ class GenerationApiFields(RequestBody):
     save_images: bool = False
 
 
-# A1111 names the batch count n_iter; clip skip, the noise source and the checkpoint come in
-# override_settings (see routes.OVERRIDES), the outpainting fields from the script's arguments.
+# A1111 names the batch count n_iter; the checkpoint, clip skip, the noise source and the mask
+# weight come in override_settings (see routes.OVERRIDES), the outpainting fields from the
+# script's arguments.
 GENERATION_API_NAMES = {"batch_count": "n_iter"}
 NOT_BODY_FIELDS = ("checkpoint", "clip_skip", "noise_source", "inpainting_mask_weight")
 HIRES_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest) if f.name.startswith("hr_")) + ("enable_hr",)
