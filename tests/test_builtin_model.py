@@ -308,12 +308,12 @@ def test_evaluation_runs_on_a_few_samples(trained):
 
 def test_evaluation_reports_each_prompt_set_and_marks_the_one_that_chose_the_model(trained, capsys):
     builtin_model_eval.main(["--model", str(trained), "--n", "1", "--steps", "2", "--inpaint",
-                             "--seeds", "5", str(builtin_model_eval.SELECTION_SEED)])
+                             "--seeds", "5", str(builtin_model_eval.SELECTION_SEEDS[0])])
     out = capsys.readouterr().out
     assert "generated, prompt set 5: " in out and "inpainted, prompt set 5: " in out
-    assert f"generated, prompt set {builtin_model_eval.SELECTION_SEED} (chose the shipped export" in out
+    assert f"generated, prompt set {builtin_model_eval.SELECTION_SEEDS[0]} (chose the shipped model" in out
     assert "generated, all 2 sets: " in out and "inpainted, all 2 sets: " in out
-    assert not set(builtin_model_eval.FRESH_SEEDS) & {builtin_model_eval.SELECTION_SEED}
+    assert not set(builtin_model_eval.FRESH_SEEDS) & set(builtin_model_eval.SELECTION_SEEDS)
 
 
 def test_textual_inversion_evaluation_also_asks_in_words_and_on_backgrounds_never_trained_on():
