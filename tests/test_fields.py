@@ -147,3 +147,11 @@ def test_widget_values_become_request_fields_of_the_right_types():
     assert [type(fields[k]) for k in ("steps", "cfg_scale")] == [int, float]
     request = GenerationRequest(**fields)
     assert (request.seed, request.checkpoint) == (-1, None)  # empty widgets keep the defaults
+
+
+def test_a_hires_switch_given_as_1_checks_the_hires_fields():
+    from modules.app.errors import RequestError
+
+    with pytest.raises(RequestError, match="hr_scale must be a number from 1 to 8, got 20"):
+        GenerationRequest(enable_hr=1, hr_scale=20, width=64, height=64).validate()
+    assert GenerationRequest(enable_hr=0, hr_scale=20).validate().enable_hr is False

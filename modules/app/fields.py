@@ -91,12 +91,12 @@ def limits(field: dataclasses.Field) -> Bounds | Choices | None:
 
 def problems(value: Any) -> list[str]:
     """What is wrong with the limited fields of the dataclass instance `value`, one message each;
-    a field `only_with` another is skipped unless that one is True."""
+    a field `only_with` another is skipped while that one is false."""
     found = []
     for field in dataclasses.fields(value):
         rule = limits(field)
         switch = field.metadata.get(ONLY_WITH)
-        if rule is None or (switch and getattr(value, switch) is not True):
+        if rule is None or (switch and not getattr(value, switch)):
             continue
         problem = rule.problem(field.name, getattr(value, field.name))
         if problem:

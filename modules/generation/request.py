@@ -103,7 +103,7 @@ class GenerationRequest:
             scheduler = find_schedule(self.scheduler)
         except ValueError as e:
             problems.append(str(e))
-        if self.enable_hr is True and not problems:
+        if self.enable_hr and not problems:
             problems += self._hires_problems()
         if problems:
             raise RequestError("; ".join(problems))
