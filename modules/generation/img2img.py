@@ -44,6 +44,7 @@ from modules.sampling.noise import image_noise
 
 # ---- masks -------------------------------------------------------------------------------------
 
+
 def blur_mask(mask: Image.Image, radius: int) -> Image.Image:
     """Gaussian blur with sigma `radius`, horizontally then vertically, each pass rounded to 8 bits:
     A1111's kernel of 2 * int(2.5 * radius + 0.5) + 1 taps with mirrored edges."""

@@ -72,7 +72,6 @@ def _hires_params(request: GenerationRequest) -> dict[str, object | None]:
     }
 
 
-
 def _size(value: str) -> dict[str, object]:
     match = _SIZE.match(value.strip())
     if match is None:
@@ -118,6 +117,7 @@ _READERS: dict[str, Callable[[str], dict[str, object]]] = {
     "Clip skip": _field("clip_skip", int),
     "RNG": _noise_source,
 }
+
 
 def _hires_resize(value: str) -> dict[str, object]:
     size = _size(value)

@@ -20,6 +20,7 @@ POLL_SECONDS = 0.4
 # Errors whose message is already written for a person; anything else is a bug and is logged in full.
 PEOPLE_ERRORS = (ValueError, LookupError, OSError)
 
+
 def form_fields(request_type: type, values: dict[str, Any]) -> dict[str, Any]:
     """Request fields from widget values keyed by field name. Gradio gives a slider's value as a
     float and an empty box as None or "", so each value becomes its field's type; an empty one
