@@ -8,7 +8,6 @@ that passed it.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import random
 from dataclasses import dataclass
@@ -157,13 +156,12 @@ def _floor(value: float) -> int:
 
 
 def strength_problems(strength, steps, sampler_name) -> list[str]:
-    """What is wrong with a denoising strength (within its limits) for an img2img pass of `steps` steps."""
-    if strength > 0 and isinstance(steps, int) and not isinstance(steps, bool) and 1 <= steps <= MAX_STEPS:
-        with contextlib.suppress(ValueError):
-            sampler = find_sampler(sampler_name)
-            if sampler.own_levels and img2img_steps(steps, strength) < 2:
-                return [f"{sampler.name} needs at least 2 noise levels, but denoising strength {strength} of "
-                        f"{steps} steps leaves 1; raise the strength or the steps, or pick another sampler"]
+    """What is wrong with a denoising strength for an img2img pass of `steps` steps, in a request
+    with nothing else wrong (every field within its limits, the sampler known)."""
+    sampler = find_sampler(sampler_name)
+    if strength > 0 and sampler.own_levels and img2img_steps(steps, strength) < 2:
+        return [f"{sampler.name} needs at least 2 noise levels, but denoising strength {strength} of "
+                f"{steps} steps leaves 1; raise the strength or the steps, or pick another sampler"]
     return []
 
 
@@ -209,6 +207,8 @@ class Img2ImgRequest(GenerationRequest):
         problems += self._option_problems()
         if self.outpaint_pixels and mask is not None:
             problems.append("outpainting makes its own mask; send no mask with it")
+        if not problems:
+            problems += strength_problems(self.denoising_strength, self.steps, self.sampler_name)
         if not problems and self.outpaint_pixels:
             left, right, up, down = (self.outpaint_pixels if d in self.outpaint_directions else 0 for d in options.OUTPAINT_DIRECTIONS)
             width, height = self.width + left + right, self.height + up + down
@@ -260,10 +260,8 @@ class Img2ImgRequest(GenerationRequest):
             return images, None
 
     def _option_problems(self) -> list[str]:
-        """What the fields' limits do not cover: the sampler's levels, flags, directions."""
+        """What the fields' limits do not cover: flags and directions."""
         problems = []
-        if isinstance(self.denoising_strength, (int, float)) and 0 <= self.denoising_strength <= 1:
-            problems += strength_problems(self.denoising_strength, self.steps, self.sampler_name)
         if self.enable_hr:
             problems.append("enable_hr: the hires fix is a txt2img option")
         if not isinstance(self.inpaint_full_res, (bool, int)) or self.inpaint_full_res not in (0, 1):
