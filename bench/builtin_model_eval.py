@@ -186,7 +186,7 @@ def text_use(sd_model, n: int = 64, seed: int = 5, timesteps=(300, 600, 900)) ->
     alphas = sd_model.alphas_cumprod.float()
 
     def loss(captions, xt, t, target):
-        out = sd_model.apply_model(xt, t, sd_model.encode_text(caption_tokens(captions)))
+        out = sd_model.apply_model(xt, t, sd_model.encode_text(caption_tokens(captions))[0])
         return (out.float() - target).pow(2).mean().item()
 
     wrong = {}

@@ -29,7 +29,7 @@ class CountingModel:
 
     def __init__(self, model):
         self.model = model
-        self.cond_stage_model = model.cond_stage_model
+        self.text_model = model.text_model
         self.rows = 0
 
     def encode_text(self, tokens, clip_skip, replace=()):
@@ -39,7 +39,7 @@ class CountingModel:
 
 def raw(model, chunk_tokens, clip_skip=1):
     """The text encoder's plain output for one chunk."""
-    return model.encode_text(torch.tensor([chunk_tokens]), clip_skip)[0]
+    return model.encode_text(torch.tensor([chunk_tokens]), clip_skip)[0][0]
 
 
 def one(model, prompt, negative="", steps=10, clip_skip=1) -> tuple[ScheduledCond, ScheduledCond]:

@@ -43,7 +43,7 @@ def _outputs(model) -> tuple[torch.Tensor, ...]:
     x = torch.randn(1, 4, 8, 8, generator=g)
     tokens = torch.randint(0, 49408, (1, 77), generator=g)
     with torch.no_grad():
-        context = model.encode_text(tokens)
+        context = model.encode_text(tokens)[0]
         return context, model.apply_model(x, torch.tensor([500.0]), context), model.decode_first_stage(x)
 
 
@@ -94,8 +94,10 @@ def test_metadata_sets_resolution_scale_and_prediction():
 @pytest.mark.parametrize(
     "keys, words",
     [
-        (["conditioner.embedders.0.transformer.text_model.x", "model.diffusion_model.input_blocks.0.0.weight"], "SDXL checkpoint, which is not supported yet"),
-        (["cond_stage_model.model.transformer.resblocks.0.attn.in_proj_weight", "model.diffusion_model.input_blocks.0.0.weight"], "Stable Diffusion 2.x"),
+        (["model.diffusion_model.joint_blocks.0.x.weight"], "Stable Diffusion 3 checkpoint, which is not supported yet"),
+        (["double_blocks.0.img_attn.qkv.weight"], "Flux checkpoint, which is not supported yet"),
+        (["model.diffusion_model.input_blocks.0.0.weight", "depth_model.model.x"], "Stable Diffusion 2 depth"),
+        (["lora_te2_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"], "put it in models/Lora"),
         (["encoder.conv_in.weight", "decoder.conv_in.weight"], "put it in models/VAE"),
         (["lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight"], "put it in models/Lora"),
         (["some.other.weight"], "not a Stable Diffusion checkpoint"),

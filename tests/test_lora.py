@@ -101,7 +101,7 @@ def outputs(model):
     tokens = torch.randint(0, 49406, (1, 77), generator=g)
     x, context = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 77, 32, generator=g)
     with torch.no_grad():
-        return model.encode_text(tokens), model.apply_model(x, torch.tensor([500.0]), context)
+        return model.encode_text(tokens)[0], model.apply_model(x, torch.tensor([500.0]), context)
 
 
 # ---- names ----

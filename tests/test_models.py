@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from modules.models.sd_model import SDModel, scaled_linear_alphas_cumprod
+from modules.models.detect import sd15_spec
+from modules.models.sd_model import SDModel, build_model, scaled_linear_alphas_cumprod
 from modules.models.unet import timestep_embedding
 from tests.tiny import tiny_sd_model, tiny_spec
 
@@ -44,21 +45,9 @@ SD15_SHAPES = {
 }
 
 
-class _Spec:
-    """Stands in for detect.ModelSpec: SDModel only reads these fields."""
-
-    family = "SD1"
-    unet: dict = {}
-    vae: dict = {}
-    text: dict = {}
-    prediction = "eps"
-    scale_factor = 0.18215
-
-
 @pytest.fixture(scope="module")
 def sd15_meta():
-    with torch.device("meta"):
-        return SDModel(_Spec())
+    return build_model(sd15_spec(), device="meta")
 
 
 @pytest.fixture(scope="module")
@@ -112,11 +101,11 @@ def test_tiny_shapes(tiny):
         eps = tiny.apply_model(x, torch.tensor([999.0, 0.5]), context)
         img = tiny.decode_first_stage(x)
         latent = tiny.encode_first_stage(img)
-        cond = tiny.encode_text(torch.randint(0, 49408, (3, 77)))
+        cond, pooled = tiny.encode_text(torch.randint(0, 49408, (3, 77)))
     assert eps.shape == x.shape and eps.abs().max() > 0.01
     assert img.shape == (2, 3, 64, 64)
     assert latent.shape == (2, 4, 8, 8)
-    assert cond.shape == (3, 77, 32)
+    assert cond.shape == (3, 77, 32) and pooled is None  # SD 1.x makes no pooled vector
 
 
 def test_timesteps_broadcast_from_a_scalar(tiny):
@@ -158,7 +147,7 @@ def test_state_dict_round_trip_strict(tiny):
     fresh.load_state_dict(tiny.state_dict(), strict=True)
     tokens = torch.randint(0, 49408, (1, 77))
     with torch.no_grad():
-        assert torch.equal(fresh.encode_text(tokens), tiny.encode_text(tokens))
+        assert torch.equal(fresh.encode_text(tokens)[0], tiny.encode_text(tokens)[0])
 
 
 def test_stored_position_ids_are_tolerated(tiny):
@@ -174,7 +163,7 @@ def test_stored_position_ids_are_tolerated(tiny):
 def test_clip_skip_changes_output(tiny):
     tokens = torch.randint(0, 49408, (1, 77), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        last, skip2 = tiny.encode_text(tokens, 1), tiny.encode_text(tokens, 2)
+        last, skip2 = tiny.encode_text(tokens, 1)[0], tiny.encode_text(tokens, 2)[0]
     assert last.shape == skip2.shape
     assert (last - skip2).abs().max() > 1e-2
     with pytest.raises(ValueError, match="clip_skip"):

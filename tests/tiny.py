@@ -18,7 +18,7 @@ import math
 import torch
 from torch import nn
 
-from modules.models.detect import ModelSpec
+from modules.models.detect import ModelSpec, TextEncoderSpec
 from modules.models.sd_model import SDModel
 
 TINY_UNET = dict(
@@ -45,12 +45,16 @@ TINY_TEXT = dict(
 
 
 def tiny_spec(**overrides) -> ModelSpec:
-    """The tiny model's spec; `unet`, `vae` and `text` overrides are merged into the defaults,
-    other fields replace them."""
-    spec = ModelSpec(family="SD1", unet=dict(TINY_UNET), vae=dict(TINY_VAE), text=dict(TINY_TEXT))
-    for name in ("unet", "vae", "text"):
+    """The tiny model's spec; `unet` and `vae` overrides are merged into the defaults, a `text`
+    dict into the text encoder's sizes, other fields replace them."""
+    spec = ModelSpec(family="SD1", unet=dict(TINY_UNET), vae=dict(TINY_VAE),
+                     text=(TextEncoderSpec("cond_stage_model", "clip", dict(TINY_TEXT)),))
+    for name in ("unet", "vae"):
         if name in overrides:
             overrides[name] = {**getattr(spec, name), **overrides[name]}
+    if isinstance(overrides.get("text"), dict):
+        encoder = spec.text[0]
+        overrides["text"] = (dataclasses.replace(encoder, size={**encoder.size, **overrides["text"]}),)
     return dataclasses.replace(spec, **overrides)
 
 

@@ -89,7 +89,7 @@ def sample_latents(sd_model, request: GenerationRequest, seeds: list[int], *, de
     with using("text"), torch.no_grad():
         conditioning = encode_prompts(
             sd_model, [prompt] * len(seeds), [request.negative_prompt] * len(seeds), request.steps, request.clip_skip,
-            embeddings=embeddings,
+            embeddings=embeddings, size=(request.width, request.height),
         )
 
     # 4. Each image's starting noise from its own seed (on top of the picture, for img2img).
@@ -162,7 +162,7 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
     job.total_steps = request.batch_count * steps
     preview_every = ctx.settings.live_preview_every
     save = ctx.settings.save_images if save is None else save
-    embeddings = ctx.embeddings.table(sd_model.cond_stage_model.hidden_size)
+    embeddings = ctx.embeddings.table(sd_model.text_width)
     texts = [strip_extra_networks(request.prompt), request.negative_prompt]
     network_params = {
         "Lora hashes": ctx.loras.infotext_value(loras),

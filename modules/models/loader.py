@@ -1,5 +1,8 @@
 """Checkpoint files -> state dicts -> SDModel, and the model hash A1111 shows.
 
+A `.yaml` file beside a checkpoint with the same name is its config, as in A1111 (an ldm or sgm
+config, read with omegaconf); modules.models.detect takes from it what the weights cannot show.
+
 `.safetensors` files are memory-mapped; `.ckpt` files (pickles) are read by torch's weights-only
 unpickler, which builds tensors and plain containers and refuses every other object, so a
 malicious file runs nothing. The tensors are assigned into a model built on the meta device:
@@ -161,9 +164,28 @@ def _materialize_buffers(model: torch.nn.Module) -> None:
             module.register_buffer(name, torch.arange(buffer.shape[-1]).expand(buffer.shape).clone(), persistent=False)
 
 
-def build_from_state_dict(weights: dict[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> SDModel:
-    """An SDModel holding `weights` (assigned, not copied), built after the spec they imply."""
-    spec = detect.detect({k: tuple(v.shape) for k, v in weights.items()}, metadata)
+def read_config(path: Path) -> dict | None:
+    """The `.yaml` config beside a checkpoint (NAME.yaml for NAME.safetensors) as plain data, or
+    None when there is none."""
+    config_path = Path(path).with_suffix(".yaml")
+    if not config_path.is_file():
+        return None
+    from omegaconf import OmegaConf  # only for checkpoints that have a config beside them
+
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(config_path), resolve=False)
+    except Exception as e:  # omegaconf and yaml report bad files with many exception types
+        raise CheckpointError(f"{config_path.name}: not a readable config ({type(e).__name__}: {e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{config_path.name}: holds a {type(data).__name__}, not an ldm or sgm config")
+    return data
+
+
+def build_from_state_dict(weights: dict[str, torch.Tensor], metadata: Mapping[str, str] | None = None,
+                          config: Mapping | None = None) -> SDModel:
+    """An SDModel holding `weights` (assigned, not copied), built after the spec they (and the
+    file's metadata and config) imply."""
+    spec = detect.detect({k: tuple(v.shape) for k, v in weights.items()}, metadata, config)
     model = build_model(spec, device="meta", alphas_cumprod=scaled_linear_alphas_cumprod())
     result = model.load_state_dict(weights, strict=False, assign=True)
     missing = [k for k in result.missing_keys if not k.endswith("position_ids")]
@@ -180,6 +202,7 @@ def load_checkpoint(path: Path, vae_path: Path | None = None) -> SDModel:
     Raises CheckpointError (or detect.DetectionError) naming the file on any problem."""
     path = Path(path)
     tensors, metadata = read_state_dict(path)
+    config = read_config(path)
     weights = network_weights(tensors)
     if vae_path is not None:
         vae_tensors, _ = read_state_dict(Path(vae_path))
@@ -188,7 +211,7 @@ def load_checkpoint(path: Path, vae_path: Path | None = None) -> SDModel:
         except CheckpointError as e:
             raise CheckpointError(f"{Path(vae_path).name}: {e}") from e
     try:
-        model = build_from_state_dict(weights, metadata)
+        model = build_from_state_dict(weights, metadata, config)
     except (detect.DetectionError, CheckpointError) as e:
         raise type(e)(f"{path.name}: {e}") from e
     except RuntimeError as e:  # shape mismatches reported by load_state_dict

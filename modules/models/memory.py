@@ -66,7 +66,7 @@ def place(model, policy: DevicePolicy):
 
 
 PARTS = {
-    "text": "cond_stage_model",
+    "text": "text_model",
     "unet": "model",
     "vae": "first_stage_model",
 }
@@ -163,9 +163,9 @@ class ModelManager:
         return model.spec.resolution if model is not None else None
 
     def loaded_text_width(self) -> int | None:
-        """Width of the text encoder in memory, which textual-inversion embeddings must match."""
+        """Context width of the model in memory, which textual-inversion embeddings must match."""
         model = self._loaded
-        return model.cond_stage_model.hidden_size if model is not None else None
+        return model.text_width if model is not None else None
 
     def unload(self) -> None:
         with self._lock:

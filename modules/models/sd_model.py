@@ -1,15 +1,24 @@
-"""SDModel: the UNet, the VAE and the text encoder of one checkpoint, composed so that
-`state_dict()` keys are the original SD 1.x checkpoint keys."""
+"""SDModel: the UNet, the VAE and the text encoders of one checkpoint, composed so that
+`state_dict()` keys are the original checkpoint keys of its family (SD 1.x and 2.x keep their
+text encoder under `cond_stage_model.`, SDXL under `conditioner.embedders.N.`)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from modules.models.detect import ModelSpec
-from modules.models.text_encoders import CLIPTextEncoder
-from modules.models.unet import UNetModel
+from modules.models.text_encoders import ENCODERS, Replacement
+from modules.models.unet import UNetModel, timestep_embedding
 from modules.models.vae import AutoencoderKL
+
+# SDXL's size and aesthetic-score numbers each enter the UNet's vector as a sinusoidal
+# embedding this wide, as in sgm's ConcatTimestepEmbedderND.
+SIZE_EMBEDDING = 256
+# The aesthetic scores A1111 gives the SDXL refiner for the prompt and the negative prompt.
+REFINER_SCORES = {False: 6.0, True: 2.5}
 
 
 def scaled_linear_alphas_cumprod(
@@ -18,6 +27,19 @@ def scaled_linear_alphas_cumprod(
     """The noise schedule SD 1.x/2.x were trained with (betas linear in sqrt space)."""
     betas = torch.linspace(beta_start**0.5, beta_end**0.5, steps, dtype=torch.float64) ** 2
     return torch.cumprod(1.0 - betas, dim=0).to(torch.float32)
+
+
+def zero_terminal_snr(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The schedule rescaled so that the last step is pure noise (Lin et al. 2023, "Common
+    Diffusion Noise Schedules and Sample Steps are Flawed"): sqrt(alpha_bar) shifted to end at 0
+    and stretched to keep its first value. The last value is set just above 0, as A1111 does, so
+    that the largest sigma stays finite."""
+    root = alphas_cumprod.double().sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * (first / (first - last))
+    rescaled = root**2
+    rescaled[-1] = 4.8973451890853435e-08
+    return rescaled.to(torch.float32)
 
 
 def noised(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
@@ -47,22 +69,53 @@ class DiffusionWrapper(nn.Module):
         self.diffusion_model = diffusion_model
 
 
+class Conditioner(nn.Module):
+    """Holds SDXL's text encoders under `embedders.N`, where sgm's GeneralConditioner keeps them."""
+
+    def __init__(self, encoders: Sequence[nn.Module]):
+        super().__init__()
+        self.embedders = nn.ModuleList(encoders)
+
+
 class SDModel(nn.Module):
-    """Built from a ModelSpec (see modules/models/detect.py): `spec.unet`, `spec.vae` and
-    `spec.text` are the constructor keyword arguments of the three networks."""
+    """Built from a ModelSpec (see modules/models/detect.py): `spec.unet` and `spec.vae` are the
+    constructor keyword arguments of the UNet and the autoencoder, `spec.text` lists the text
+    encoders (class, sizes, and where they live)."""
 
     def __init__(self, spec: ModelSpec, alphas_cumprod: torch.Tensor | None = None):
         super().__init__()
         self.spec = spec
         self.model = DiffusionWrapper(UNetModel(**spec.unet))
         self.first_stage_model = AutoencoderKL(**spec.vae)
-        self.cond_stage_model = CLIPTextEncoder(**spec.text)
+        encoders = [ENCODERS[e.kind](**e.size) for e in spec.text]
+        if [e.prefix for e in spec.text] == ["cond_stage_model"]:
+            self.cond_stage_model = encoders[0]
+        else:
+            self.conditioner = Conditioner(encoders)
         self.scale_factor = float(spec.scale_factor)
         self.prediction = spec.prediction
         if alphas_cumprod is None:
             alphas_cumprod = scaled_linear_alphas_cumprod()
+        if spec.ztsnr:
+            alphas_cumprod = zero_terminal_snr(alphas_cumprod)
         # Not saved: the checkpoint keys are the networks' weights only.
         self.register_buffer("alphas_cumprod", alphas_cumprod.to(torch.float32), persistent=False)
+
+    @property
+    def text_model(self) -> nn.Module:
+        """The module holding every text encoder (`cond_stage_model` or `conditioner`)."""
+        return self.conditioner if hasattr(self, "conditioner") else self.cond_stage_model
+
+    @property
+    def text_encoders(self) -> list[nn.Module]:
+        """The text encoders in the order of `spec.text`."""
+        return list(self.conditioner.embedders) if hasattr(self, "conditioner") else [self.cond_stage_model]
+
+    @property
+    def text_width(self) -> int:
+        """The context's width: the text encoders' widths added up (SDXL: 768 + 1280). A
+        textual-inversion embedding's vectors are that wide, each encoder's part side by side."""
+        return sum(e.width for e in self.spec.text)
 
     @property
     def unet(self) -> UNetModel:
@@ -88,15 +141,17 @@ class SDModel(nn.Module):
         return self.first_stage_model.downscale
 
     def apply_model(
-        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, c_concat: torch.Tensor | None = None
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, c_concat: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """UNet output (eps or v, see `prediction`) for latents x at timesteps t, in x's dtype.
-        c_concat (mask and masked-image latents) is stacked on the channels for inpainting UNets."""
+        c_concat (mask and masked-image latents) is stacked on the channels for inpainting UNets;
+        y is the vector input of SDXL UNets (see `vector`)."""
         if c_concat is not None:
             x_in = torch.cat([x, c_concat.to(x.dtype)], dim=1)
         else:
             x_in = x
-        return self.model.diffusion_model(x_in, t, context).to(x.dtype)
+        return self.model.diffusion_model(x_in, t, context, y).to(x.dtype)
 
     def encode_first_stage(self, img: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Image in [-1, 1] -> scaled latent: a sample of the posterior drawn with `generator`,
@@ -112,9 +167,36 @@ class SDModel(nn.Module):
         """Scaled latent -> image in (about) [-1, 1], in the latent's dtype."""
         return self.first_stage_model.decode(latent / self.scale_factor).to(latent.dtype)
 
-    def encode_text(self, tokens: torch.Tensor, clip_skip: int = 1, replace=()) -> torch.Tensor:
-        """See CLIPTextEncoder.forward; `replace` puts embedding vectors at token positions."""
-        return self.cond_stage_model(tokens, clip_skip, replace)
+    def encode_text(self, tokens: torch.Tensor, clip_skip: int = 1,
+                    replace: Sequence[Replacement] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Chunk rows [B, 77] -> (context [B, 77, text_width], pooled [B, n] or None): every
+        encoder's hidden states side by side (SDXL: CLIP ViT-L's 768 then bigG's 1280) and the
+        pooled vector of the encoder that makes one. `replace` holds (row, position, vectors
+        [n, text_width]): textual-inversion vectors put in place of token embeddings, each
+        encoder taking its own slice of their width."""
+        widths = [e.width for e in self.spec.text]
+        contexts, pooled = [], None
+        for index, (encoder, spec) in enumerate(zip(self.text_encoders, self.spec.text)):
+            placed = [(row, position, vectors.split(widths, dim=1)[index]) for row, position, vectors in replace]
+            if spec.pooled:
+                hidden, pooled = encoder(tokens, clip_skip, placed, pooled=True)
+            else:
+                hidden = encoder(tokens, clip_skip, placed)
+            contexts.append(hidden)
+        return torch.cat(contexts, dim=-1) if len(contexts) > 1 else contexts[0], pooled
+
+    def vector(self, pooled: torch.Tensor, width: int, height: int, negative: bool = False) -> torch.Tensor | None:
+        """The UNet's vector input for one prompt's pooled text [n] and a picture of width x
+        height, as SDXL was trained: the pooled text, then sinusoidal embeddings of the original
+        size (height, width), the crop's top-left corner (0, 0), and the target size (base) or
+        the aesthetic score (refiner, 2.5 for a negative prompt and 6.0 otherwise, as A1111).
+        None for models without a vector input."""
+        if self.spec.vector is None:
+            return None
+        numbers = [height, width, 0, 0]
+        numbers += [height, width] if self.spec.vector == "sdxl" else [REFINER_SCORES[negative]]
+        sizes = timestep_embedding(torch.tensor(numbers, dtype=torch.float32, device=pooled.device), SIZE_EMBEDDING)
+        return torch.cat([pooled.float(), sizes.flatten()]).to(pooled.dtype)
 
 
 def build_model(spec: ModelSpec, device: str = "cpu", alphas_cumprod=None) -> SDModel:

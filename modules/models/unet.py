@@ -1,8 +1,10 @@
-"""The latent-diffusion UNet of Stable Diffusion 1.x/2.x.
+"""The latent-diffusion UNet of Stable Diffusion 1.x, 2.x and SDXL.
 
 Attribute paths are exactly the keys of the original checkpoints under `model.diffusion_model.`,
 so a checkpoint loads with `load_state_dict(strict=True)` and no renaming table. Every size is a
-constructor argument: the same class builds SD 1.5 and the few-channel test models.
+constructor argument: the same class builds SD 1.5, SDXL and the few-channel test models. SDXL's
+UNet adds a vector input (`y`, through `label_emb`: the pooled text embedding and the picture's
+size conditioning) to the timestep embedding.
 """
 
 from __future__ import annotations
@@ -210,6 +212,7 @@ class UNetModel(nn.Module):
         context_dim: int = 768,
         transformer_depth: int | Sequence[int] = 1,
         use_linear_in_transformer: bool = False,
+        adm_in_channels: int | None = None,
         norm_groups: int = 32,
     ):
         super().__init__()
@@ -230,6 +233,11 @@ class UNetModel(nn.Module):
 
         emb_dim = model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.adm_in_channels = adm_in_channels
+        if adm_in_channels is not None:
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(adm_in_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+            )
 
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(InputConv(in_channels, model_channels, 3, padding=1))])
         skip_channels = [model_channels]
@@ -265,11 +273,16 @@ class UNetModel(nn.Module):
 
         self.out = nn.Sequential(GroupNorm32(norm_groups, ch), nn.SiLU(), nn.Conv2d(ch, out_channels, 3, padding=1))
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor,
+                y: torch.Tensor | None = None) -> torch.Tensor:
         dtype = self.time_embed[0].weight.dtype
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
+        if (y is None) != (self.adm_in_channels is None):
+            raise ValueError("this UNet takes a vector input (y)" if y is None else "this UNet takes no vector input (y)")
+        if y is not None:
+            emb = emb + self.label_emb(y.to(dtype))
         h = x.to(dtype)
         context = context.to(dtype)
         skips = []

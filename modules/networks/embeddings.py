@@ -6,6 +6,7 @@ the 75 in a chunk (see modules.conditioning). Three layouts are read, listed in 
 
     A1111 / textual inversion .pt   {"string_to_param": {"*": Tensor[n, dim]}, "step": ..., ...}
     .safetensors                     {"emb_params": Tensor[n, dim]}
+    SDXL .safetensors                {"clip_l": Tensor[n, 768], "clip_g": Tensor[n, 1280]}
     diffusers .bin                   {"<token>": Tensor[dim]}
 
 Pickled files (.pt, .bin) go through torch's weights-only unpickler (modules.models.loader), so a
@@ -46,7 +47,7 @@ class EmbeddingError(ValueError):
 @dataclass(frozen=True, eq=False)
 class Embedding:
     name: str
-    vectors: torch.Tensor  # [n, width], float32, on the CPU
+    vectors: torch.Tensor  # [n, width], float32, on the CPU (SDXL: clip_l's and clip_g's side by side)
     path: Path
     sha256: str
     step: int | None = None
@@ -86,7 +87,14 @@ def _a1111_vectors(data: Mapping) -> torch.Tensor:
 
 
 def _sdxl_vectors(data: Mapping) -> torch.Tensor:
-    raise EmbeddingError("it is an SDXL embedding (clip_l and clip_g vectors); SDXL models are not supported")
+    """An SDXL embedding's two sets of vectors side by side, in the order of SDXL's encoders
+    (CLIP ViT-L, then bigG), as SDModel.encode_text splits them."""
+    clip_l, clip_g = data["clip_l"], data["clip_g"]
+    if not (isinstance(clip_l, torch.Tensor) and isinstance(clip_g, torch.Tensor)) or clip_l.ndim != 2 or clip_g.ndim != 2:
+        raise EmbeddingError("its clip_l and clip_g entries are not [n, width] tensors")
+    if clip_l.shape[0] != clip_g.shape[0]:
+        raise EmbeddingError(f"it has {clip_l.shape[0]} clip_l vectors but {clip_g.shape[0]} clip_g vectors")
+    return torch.cat([clip_l.float(), clip_g.float()], dim=1)
 
 
 # (layout, recognises the loaded data, gives its vectors); the first that recognises it is used.

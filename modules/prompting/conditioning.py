@@ -62,9 +62,11 @@ EMPTY_CHUNK = Chunk((BOS_ID,) + (PAD_ID,) * (CONTEXT_TOKENS - 1), (1.0,) * CONTE
 @dataclass(frozen=True, eq=False)
 class ScheduledCond:
     """A prompt's conditioning over the steps: entries (end_at_step, Tensor[tokens, hidden]) in
-    increasing step order; each tensor is used up to and including its end step."""
+    increasing step order; each tensor is used up to and including its end step. Models with a
+    vector input (SDXL) also get `vectors`, one per entry: the pooled text and size conditioning."""
 
     entries: tuple[tuple[int, torch.Tensor], ...]
+    vectors: tuple[torch.Tensor, ...] | None = None
 
     def __post_init__(self):
         entries = tuple((int(end), tensor) for end, tensor in self.entries)
@@ -72,15 +74,21 @@ class ScheduledCond:
             raise ValueError("ScheduledCond needs at least one entry")
         if any(a[0] >= b[0] for a, b in zip(entries, entries[1:])):
             raise ValueError(f"ScheduledCond end steps must increase: {[e for e, _ in entries]}")
+        if self.vectors is not None and len(self.vectors) != len(entries):
+            raise ValueError(f"ScheduledCond has {len(entries)} entries but {len(self.vectors)} vectors")
         object.__setattr__(self, "entries", entries)
 
+    def _index(self, step: int) -> int:
+        """The first entry whose end_at_step >= step (the last one after the schedule's end)."""
+        return next((i for i, (end, _tensor) in enumerate(self.entries) if step <= end), len(self.entries) - 1)
+
     def at(self, step: int) -> torch.Tensor:
-        """The tensor for `step`: the first entry whose end_at_step >= step (the last one after
-        the schedule's end)."""
-        for end, tensor in self.entries:
-            if step <= end:
-                return tensor
-        return self.entries[-1][1]
+        """The context tensor for `step`."""
+        return self.entries[self._index(step)][1]
+
+    def vector_at(self, step: int) -> torch.Tensor | None:
+        """The vector input for `step`, or None for models without one."""
+        return None if self.vectors is None else self.vectors[self._index(step)]
 
     @property
     def shape(self) -> torch.Size:
@@ -222,12 +230,12 @@ def embeddings_used(prompts: list[str], steps: int, embeddings, *, old_schedulin
 
 
 def _text_device(sd_model) -> torch.device:
-    param = next(sd_model.cond_stage_model.parameters(), None)
+    param = next(sd_model.text_model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
 
 
-def _encode_rows(sd_model, rows: list[Chunk], clip_skip: int) -> dict[tuple, torch.Tensor]:
-    """Raw encoder output [77, hidden] for each distinct chunk, by its key."""
+def _encode_rows(sd_model, rows: list[Chunk], clip_skip: int) -> dict[tuple, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Raw encoder output for each distinct chunk, by its key: ([77, hidden], pooled or None)."""
     device = _text_device(sd_model)
     out = {}
     for start in range(0, len(rows), ENCODE_BATCH):
@@ -235,8 +243,8 @@ def _encode_rows(sd_model, rows: list[Chunk], clip_skip: int) -> dict[tuple, tor
         tokens = torch.tensor([chunk.tokens for chunk in batch], dtype=torch.long, device=device)
         replace = [(row, position, embedding.vectors)
                    for row, chunk in enumerate(batch) for position, embedding in chunk.fixes]
-        z = sd_model.encode_text(tokens, clip_skip, replace=replace)
-        out.update(zip((chunk.key for chunk in batch), z))
+        z, pooled = sd_model.encode_text(tokens, clip_skip, replace=replace)
+        out.update(zip((chunk.key for chunk in batch), zip(z, pooled if pooled is not None else [None] * len(batch))))
     return out
 
 
@@ -272,10 +280,11 @@ class _PromptPlan:
                 for text, chunks in self.chunks.items()]
 
 
-def _encode_schedules(sd_model, texts: list[str], steps: int, clip_skip: int, *, old_scheduling: bool,
-                      comma_backtrack: int, embeddings) -> tuple[dict[str, list[tuple[int, torch.Tensor]]], torch.Tensor]:
-    """For each distinct (sub)prompt: [(end_at_step, Tensor[chunks*77, hidden])]; and the
-    encoded empty chunk, for padding."""
+def _encode_schedules(sd_model, texts: list[str], steps: int, clip_skip: int, *, old_scheduling: bool, comma_backtrack: int,
+                      embeddings) -> tuple[dict[str, list[tuple[int, torch.Tensor, torch.Tensor | None]]], torch.Tensor]:
+    """For each distinct (sub)prompt: [(end_at_step, Tensor[chunks*77, hidden], pooled)], the
+    pooled vector (or None) being the first chunk's, unweighted, as in A1111; and the encoded
+    empty chunk, for padding."""
     chunk_cache: dict[str, list[Chunk]] = {}
     plans = {}
     for prompt in texts:
@@ -295,22 +304,25 @@ def _encode_schedules(sd_model, texts: list[str], steps: int, clip_skip: int, *,
         per_text: dict[str, list[torch.Tensor]] = {text: [] for text in plan.chunks}
         for position in range(plan.n_chunks):
             group = plan.group(position)
-            z = torch.stack([raw[chunk.key] for chunk, _ in group])
+            z = torch.stack([raw[chunk.key][0] for chunk, _ in group])
             weights = torch.tensor([chunk.weights for chunk, _ in group], device=z.device)
             counts = torch.tensor([float(n) for _, n in group], device=z.device)
             for text, row in zip(plan.chunks, _emphasis(z, weights, counts)):
                 per_text[text].append(row)
         tensors = {text: torch.cat(parts) for text, parts in per_text.items()}
-        result[prompt] = [(end, tensors[text]) for end, text in plan.schedule]
-    return result, raw[EMPTY_CHUNK.key]
+        result[prompt] = [(end, tensors[text], raw[plan.chunks[text][0].key][1]) for end, text in plan.schedule]
+    return result, raw[EMPTY_CHUNK.key][0]
 
 
 def encode_prompts(sd_model, prompts: list[str], negative_prompts: list[str], steps: int, clip_skip: int, *,
-                   old_scheduling: bool = False, comma_backtrack: int = COMMA_BACKTRACK, embeddings=None) -> Conditioning:
+                   old_scheduling: bool = False, comma_backtrack: int = COMMA_BACKTRACK, embeddings=None,
+                   size: tuple[int, int] | None = None) -> Conditioning:
     """Conditioning for a batch: prompts[i] and negative_prompts[i] belong to image i.
 
     `sd_model` needs `encode_text(tokens [B, 77], clip_skip, replace=[(row, position, vectors)])
-    -> [B, 77, hidden]` and a `cond_stage_model` (whose parameters tell the device).
+    -> ([B, 77, hidden], pooled [B, n] or None)`, a `text_model` (whose parameters tell the
+    device) and `vector(pooled, width, height, negative)`, which gives SDXL's vector input for a
+    picture of `size` (width, height) and None for models without one.
     `old_scheduling` selects A1111's pre-1.6 reading of editing steps (see prompt_parser).
     `embeddings` (an EmbeddingTable) puts textual-inversion vectors where their names are.
     Negative prompts are not split at AND, as in A1111. Raises PromptError for a prompt with an
@@ -324,8 +336,8 @@ def encode_prompts(sd_model, prompts: list[str], negative_prompts: list[str], st
     encoded, empty = _encode_schedules(sd_model, texts, steps, clip_skip, old_scheduling=old_scheduling,
                                        comma_backtrack=comma_backtrack, embeddings=embeddings)
 
-    longest = max(t.shape[0] for schedule in encoded.values() for _, t in schedule)
-    if any(t.shape[0] != longest for schedule in encoded.values() for _, t in schedule):
+    longest = max(t.shape[0] for schedule in encoded.values() for _, t, _pooled in schedule)
+    if any(t.shape[0] != longest for schedule in encoded.values() for _, t, _pooled in schedule):
         padded = {}  # by tensor identity: schedule entries that share a tensor keep sharing it
 
         def pad(t):
@@ -334,10 +346,20 @@ def encode_prompts(sd_model, prompts: list[str], negative_prompts: list[str], st
                 padded[id(t)] = torch.cat([t, empty.to(t.dtype).repeat(extra, 1)]) if extra else t
             return padded[id(t)]
 
-        encoded = {p: [(end, pad(t)) for end, t in schedule] for p, schedule in encoded.items()}
+        encoded = {p: [(end, pad(t), pooled) for end, t, pooled in schedule] for p, schedule in encoded.items()}
 
-    scheduled = {p: ScheduledCond(schedule) for p, schedule in encoded.items()}
+    def scheduled(text: str, negative: bool) -> ScheduledCond:
+        schedule = encoded[text]
+        vectors = None
+        if schedule[0][2] is not None:
+            if size is None:
+                raise ValueError("this model's conditioning needs the picture's size")
+            vectors = tuple(sd_model.vector(pooled, *size, negative=negative) for _end, _t, pooled in schedule)
+        return ScheduledCond([(end, t) for end, t, _pooled in schedule], vectors)
+
+    conds = {text: scheduled(text, False) for image in parts for text, _ in image}
+    unconds = {text: scheduled(text, True) for text in dict.fromkeys(negative_prompts)}
     return Conditioning(
-        cond=[[(scheduled[text], weight) for text, weight in image] for image in parts],
-        uncond=[scheduled[n] for n in negative_prompts],
+        cond=[[(conds[text], weight) for text, weight in image] for image in parts],
+        uncond=[unconds[n] for n in negative_prompts],
     )

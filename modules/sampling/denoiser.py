@@ -30,8 +30,8 @@ class EpsDenoiser(_FollowsInputDevice, DiscreteEpsDDPMDenoiser):
     def __init__(self, sd_model):
         super().__init__(sd_model.apply_model, _alphas_cumprod(sd_model), quantize=False)
 
-    def get_eps(self, x, t, context, c_concat=None):
-        return self.inner_model(x, t, context=context, c_concat=c_concat)
+    def get_eps(self, x, t, context, **cond):  # cond: c_concat (inpainting), y (SDXL) where given
+        return self.inner_model(x, t, context=context, **cond)
 
 
 class VDenoiser(_FollowsInputDevice, DiscreteVDDPMDenoiser):
@@ -40,8 +40,8 @@ class VDenoiser(_FollowsInputDevice, DiscreteVDDPMDenoiser):
     def __init__(self, sd_model):
         super().__init__(sd_model.apply_model, _alphas_cumprod(sd_model), quantize=False)
 
-    def get_v(self, x, t, context, c_concat=None):
-        return self.inner_model(x, t, context=context, c_concat=c_concat)
+    def get_v(self, x, t, context, **cond):
+        return self.inner_model(x, t, context=context, **cond)
 
 
 def _alphas_cumprod(sd_model) -> torch.Tensor:
@@ -66,6 +66,7 @@ class CFGDenoiser(nn.Module):
 
     Called by k-diffusion samplers as `model(x, sigma, **extra_args)` with extra_args
     `{"conditioning": Conditioning, "cond_scale": float}` (plus `c_concat` for inpainting models).
+    Models with a vector input (SDXL) get each row's `ScheduledCond.vector_at(step)` as `y`.
 
     Inpainting adds `init_latent` and `keep` (1 where the original stays, 0 where it is
     regenerated): as A1111 does for k-diffusion samplers, every denoised estimate is replaced by
@@ -96,20 +97,23 @@ class CFGDenoiser(nn.Module):
                 f"prompts, but the batch has {batch} images"
             )
         # Rows of the one model batch: every image's prompt parts, then (if needed) every negative prompt.
-        rows, contexts = [], []
+        rows, contexts, vectors = [], [], []
         for image, parts in enumerate(conditioning.cond):
             for cond, _weight in parts:
                 rows.append(image)
                 contexts.append(cond.at(self.step))
+                vectors.append(cond.vector_at(self.step))
         n_cond = len(rows)
         # With scale 1 and weights summing to 1 the negative prompt cancels out: one pass fewer.
         need_uncond = cond_scale != 1 or any(abs(sum(w for _, w in parts) - 1) > 1e-6 for parts in conditioning.cond)
         if need_uncond:
             rows.extend(range(batch))
             contexts.extend(u.at(self.step) for u in conditioning.uncond)
+            vectors.extend(u.vector_at(self.step) for u in conditioning.uncond)
 
         index = torch.tensor(rows, device=x.device)
-        out = self._denoise(x[index], sigma[index], contexts, None if c_concat is None else c_concat[index])
+        out = self._denoise(x[index], sigma[index], contexts, None if c_concat is None else c_concat[index],
+                            None if vectors[0] is None else vectors)
 
         cond_out, uncond_out = out[:n_cond], out[n_cond:]
         denoised, row = [], 0
@@ -125,7 +129,7 @@ class CFGDenoiser(nn.Module):
             denoised = denoised * (1 - keep) + init_latent * keep
         return denoised
 
-    def _denoise(self, x, sigma, contexts, c_concat):
+    def _denoise(self, x, sigma, contexts, c_concat, vectors):
         """Runs the model over all rows, grouping rows whose contexts have the same shape
         (normally all of them) and splitting groups into chunks of at most max_batch rows."""
         groups: dict[tuple, list[int]] = {}
@@ -139,5 +143,7 @@ class CFGDenoiser(nn.Module):
                 sel = torch.tensor(chunk, device=x.device)
                 context = torch.stack([contexts[r] for r in chunk]).to(x.device)
                 extra = {} if c_concat is None else {"c_concat": c_concat[sel]}
+                if vectors is not None:
+                    extra["y"] = torch.stack([vectors[r] for r in chunk]).to(x.device)
                 out[sel] = self.inner_model(x[sel], sigma[sel], context=context, **extra)
         return out

@@ -50,7 +50,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from modules.app.fileio import atomic_write
-from modules.models.detect import ModelSpec
+from modules.models.detect import ModelSpec, TextEncoderSpec
 from modules.models.sd_model import DIFFUSION_TARGETS, SDModel, diffusion_target, noised
 from modules.prompting.conditioning import CONTEXT_TOKENS
 from modules.prompting.tokenizer import BOS_ID, EOS_ID, tokenize
@@ -129,9 +129,10 @@ class Recipe:
                       transformer_depth=1, use_linear_in_transformer=False),
             vae=dict(ch=self.vae_ch, ch_mult=tuple(self.vae_ch_mult), num_res_blocks=self.vae_res_blocks,
                      in_channels=3, out_ch=3, z_channels=4, embed_dim=4),
-            text=dict(vocab_size=49408, hidden_size=self.text_hidden, intermediate_size=4 * self.text_hidden,
-                      num_hidden_layers=self.text_layers, num_attention_heads=max(1, self.text_hidden // 64),
-                      max_position_embeddings=CONTEXT_TOKENS),
+            text=(TextEncoderSpec("cond_stage_model", "clip", dict(
+                vocab_size=49408, hidden_size=self.text_hidden, intermediate_size=4 * self.text_hidden,
+                num_hidden_layers=self.text_layers, num_attention_heads=max(1, self.text_hidden // 64),
+                max_position_embeddings=CONTEXT_TOKENS)),),
             prediction=self.prediction, scale_factor=scale_factor, resolution=self.resolution,
         )
 

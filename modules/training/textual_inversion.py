@@ -124,7 +124,12 @@ def create_embedding(sd_model, folder: Path, name: str, *, init_text: str = "*",
 
 
 def token_table(sd_model) -> torch.nn.Embedding:
-    return sd_model.cond_stage_model.transformer.text_model.embeddings.token_embedding
+    """The token embeddings that new vectors start from and are trained beside. Training is for
+    models with one text encoder (SD 1.x and 2.x); an SDXL embedding needs vectors for both."""
+    encoders = sd_model.text_encoders
+    if len(encoders) != 1 or sd_model.spec.vector is not None:
+        raise TrainingError(f"textual-inversion training works with SD 1.x and 2.x models; this is {sd_model.spec.family}")
+    return encoders[0].token_embedding
 
 
 def prompt_row(template: str, words: str, vectors: int) -> tuple[list[int], list[int]]:
@@ -151,7 +156,7 @@ def encode_with_vectors(sd_model, rows: list[list[int]], slots: list[list[int]],
     device = token_table(sd_model).weight.device
     count = vectors.shape[0]
     placed = [(b, row[i], vectors[: len(row[i:i + count])]) for b, row in enumerate(slots) for i in range(0, len(row), count)]
-    return sd_model.cond_stage_model(torch.tensor(rows, device=device), clip_skip, replace=placed)
+    return sd_model.encode_text(torch.tensor(rows, device=device), clip_skip, replace=placed)[0]
 
 
 # ---- training -----------------------------------------------------------------------------------
