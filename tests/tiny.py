@@ -1,9 +1,11 @@
-"""A few-channel Stable Diffusion 1.x model for tests: the same classes and key layout as SD 1.5,
-small enough that a 64x64 px generation step takes milliseconds on one CPU thread.
+"""Few-channel Stable Diffusion models for tests: the same classes and key layouts as the real
+families, small enough that a 64x64 px generation step takes milliseconds on one CPU thread.
 
     spec = tiny_spec()                                   # ModelSpec, family "SD1"
     spec = tiny_spec(prediction="v", unet={"in_channels": 9})   # dict fields are merged
     model = tiny_sd_model(seed=0)                        # eval mode, requires_grad False
+    spec = tiny_family_spec("SDXL", inpainting=True)     # "SD2", "SDXL", "SDXL refiner" too
+    model = tiny_family_model("SDXL", seed=0)
 
 The VAE downsamples by 8 as SD's does (latent 8x8 for 64x64 px); the UNet has two levels, so
 latent sides must be even. Context width is 32 (the CLIP hidden size); the vocabulary is CLIP's
@@ -18,8 +20,9 @@ import math
 import torch
 from torch import nn
 
-from modules.models.detect import ModelSpec, TextEncoderSpec
+from modules.models.detect import LAYOUTS, ModelSpec, TextEncoderSpec
 from modules.models.sd_model import SDModel
+from modules.models.text_encoders import OpenCLIPTextModel
 
 TINY_UNET = dict(
     in_channels=4,
@@ -58,6 +61,41 @@ def tiny_spec(**overrides) -> ModelSpec:
     return dataclasses.replace(spec, **overrides)
 
 
+TINY_CLIP_L = dict(TINY_TEXT)
+TINY_OPENCLIP = dict(width=32, layers=2, heads=1, embed_dim=32, vocab_size=49408, context_length=77)
+# The real families' text layouts (detect.LAYOUTS) with tiny sizes; UNets with a fixed head width
+# and linear projections as SD 2.x and SDXL have, and SDXL's level without attention.
+TINY_FAMILIES = {
+    "SD1": dict(unet={}, text=(TINY_CLIP_L,)),
+    "SD2": dict(unet=dict(context_dim=32, use_linear_in_transformer=True), text=(TINY_OPENCLIP,)),
+    "SDXL": dict(unet=dict(context_dim=64, use_linear_in_transformer=True, attention_resolutions=(2,),
+                           transformer_depth=(0, 2), adm_in_channels=32 + 6 * 256), text=(TINY_CLIP_L, TINY_OPENCLIP)),
+    "SDXL refiner": dict(unet=dict(context_dim=32, use_linear_in_transformer=True, attention_resolutions=(2,),
+                                   transformer_depth=(0, 1), adm_in_channels=32 + 5 * 256), text=(TINY_OPENCLIP,)),
+}
+
+
+def tiny_family_spec(family: str, inpainting: bool = False, **overrides) -> ModelSpec:
+    """A tiny model of `family` (a key of detect.LAYOUTS) with that family's defaults."""
+    layout = LAYOUTS[family]
+    sizes = TINY_FAMILIES[family]
+    unet = dict(TINY_UNET, in_channels=9 if inpainting else 4, **sizes["unet"])
+    if layout.head_channels != -1:
+        unet.update(num_head_channels=8)
+    text = tuple(TextEncoderSpec(prefix, kind, dict(size) | settings, name, pooled=kind == "openclip" and layout.vector is not None)
+                 for (prefix, kind, name, settings), size in zip(layout.encoders, sizes["text"]))
+    spec = ModelSpec(family=f"{family} inpainting" if inpainting else family, unet=unet, vae=dict(TINY_VAE), text=text,
+                     prediction=layout.prediction, scale_factor=layout.scale_factor, resolution=64, vector=layout.vector)
+    return dataclasses.replace(spec, **overrides)
+
+
+def tiny_family_model(family: str, seed: int = 0, inpainting: bool = False, **overrides) -> SDModel:
+    with torch.random.fork_rng(devices=[]):
+        model = SDModel(tiny_family_spec(family, inpainting, **overrides))
+    randomize_(model, seed)
+    return model.eval().requires_grad_(False)
+
+
 def randomize_(module: nn.Module, seed: int) -> nn.Module:
     """Give every weight a seeded random value, norms near identity, projections scaled by
     1/sqrt(fan_in) so activations stay near unit size. Unlike default initialisation this is
@@ -79,6 +117,13 @@ def randomize_(module: nn.Module, seed: int) -> nn.Module:
             normal_(m.bias, 0.1)
         elif isinstance(m, nn.Embedding):
             normal_(m.weight, 1.0)
+        elif isinstance(m, nn.MultiheadAttention):  # its output projection is a Linear, done above
+            normal_(m.in_proj_weight, 1.0 / math.sqrt(m.embed_dim))
+            normal_(m.in_proj_bias, 0.1)
+        elif isinstance(m, OpenCLIPTextModel):
+            normal_(m.positional_embedding, 0.1)
+            normal_(m.text_projection, 1.0 / math.sqrt(m.text_projection.shape[0]))
+            normal_(m.logit_scale, 0.1, mean=math.log(1 / 0.07))
     return module
 
 
