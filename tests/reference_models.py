@@ -1,5 +1,6 @@
 """Independent implementations holding our networks' weights: diffusers' UNet2DConditionModel and
-AutoencoderKL, built from our ldm-layout state dicts by diffusers' own single-file conversion.
+AutoencoderKL, built from our ldm/sgm-layout state dicts by diffusers' own single-file conversion
+(SD 1.x, 2.x and SDXL UNets alike: `unet_kwargs` decide which config diffusers is shown).
 
     theirs = diffusers_unet(unet_kwargs, ours)          # ours: modules.models.unet.UNetModel
     theirs = diffusers_vae(vae_kwargs, ours_vae)        # ours_vae: modules.models.vae.AutoencoderKL
@@ -21,16 +22,24 @@ SD_VAE_KWARGS = dict(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, in_channels
 
 
 def original_config(unet_kwargs: dict, vae_kwargs: dict) -> dict:
-    """The slice of an ldm YAML config that diffusers' conversion helpers read."""
-    return {
-        "model": {
-            "params": {
-                "scale_factor": 0.18215,
-                "unet_config": {"params": dict(unet_kwargs)},
-                "first_stage_config": {"params": {"ddconfig": dict(vae_kwargs)}},
-            }
-        }
-    }
+    """The slice of an ldm (SD 1.x/2.x) or sgm (SDXL) YAML config that diffusers' conversion
+    helpers read, for the UNet that `unet_kwargs` builds."""
+    unet = dict(unet_kwargs)
+    # The configs give a head count (SD 1.x) or a head width (2.x, SDXL), never both; diffusers
+    # takes num_heads whenever it is there.
+    if unet.get("num_head_channels", -1) != -1:
+        unet.pop("num_heads", None)
+    params = {"scale_factor": 0.18215, "first_stage_config": {"params": {"ddconfig": dict(vae_kwargs)}}}
+    if unet.get("adm_in_channels") is not None:
+        # sgm keeps the UNet under network_config and marks the vector input as num_classes
+        # "sequential". diffusers then makes label_emb SDXL's text_time embedding only for a
+        # context 2048 (base) or 1280 (refiner) wide, a plain projection otherwise.
+        unet["num_classes"] = "sequential"
+        params["network_config"] = {"params": unet}
+    else:
+        unet.pop("adm_in_channels", None)
+        params["unet_config"] = {"params": unet}
+    return {"model": {"params": params}}
 
 
 def _assigned(model_class, config: dict, converted: dict[str, torch.Tensor]):
