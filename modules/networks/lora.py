@@ -6,20 +6,31 @@ models/Lora without its extension. A kohya file holds, per adapted layer,
     lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight  [r, in(, kh, kw)]
     ....lora_up.weight  [out, r(, 1, 1)]          ....alpha  (scalar; missing means alpha = r)
 
-and the layer's weight becomes W + weight * alpha / r * (up @ down). The names are diffusers'
-module paths with "_" for "."; our UNet keeps the original ldm layout (input_blocks.4.1...),
-so `target_modules` lists every Linear and Conv2d of the model under its kohya name, derived
-from the network's own structure block by block (`_block_names`, `RENAMES`) the way diffusers'
-single-file conversion pairs the two layouts. ldm-style names (lora_unet_input_blocks_4_1_...),
-which some trainers write, are listed too. Text-encoder layers are lora_te_text_model_....
+and the layer's weight becomes W + weight * alpha / r * (up @ down). The names are module paths
+with "_" for ".", and `layer_targets` lists every weight a LoRA can change under each name it
+may have:
 
-Bit-identity afterwards: `apply` computes each touched weight anew (W + sum of deltas, in
-float32, rounded once to W's dtype) as a new tensor, puts it in the parameter's place, and keeps
-the original tensor itself; `restore` puts the originals back. The original tensors are never
-written to, so the model after a generation holds exactly the tensors it held before, whatever
-the dtype; subtracting the delta again would not give W back bit for bit in half precision.
-Forward hooks adding a low-rank term would also leave the weights alone, but cost time at every
-step of every layer, where a merged weight costs nothing after the one-off merge.
+- UNet (`lora_unet_`): diffusers' UNet2DConditionModel paths (kohya's SD 1.x/2.x trainers), which
+  our ldm-layout UNet (input_blocks.4.1...) does not have, so they are derived from the network's
+  own structure block by block (`_block_names`, `RENAMES`) the way diffusers' single-file
+  conversion pairs the two layouts; and the ldm paths themselves (lora_unet_input_blocks_4_1_...),
+  which kohya's SDXL trainer writes, its UNet having the original layout.
+- Text encoders: kohya names every encoder in transformers' CLIPTextModel layout
+  (text_model_encoder_layers_N_self_attn_q_proj, ..._mlp_fc1), a lone one as `lora_te_` (SD 1.x,
+  SD 2.x, SDXL refiner) and SDXL's two as `lora_te1_` (CLIP ViT-L) and `lora_te2_` (OpenCLIP
+  bigG). Our OpenCLIP towers keep open_clip's layout, where q, k and v are the three row blocks
+  of one fused `attn.in_proj_weight` [3 * width, width]: a q/k/v LoRA changes its block of rows
+  only (a `Target` with `rows`); out_proj, fc1 and fc2 are attn.out_proj, mlp.c_fc and mlp.c_proj.
+  open_clip's own paths (lora_te2_model_transformer_resblocks_N_mlp_c_fc, ..._attn_in_proj for
+  the fused weight) are listed too.
+
+Bit-identity afterwards: `apply` computes each touched weight anew (a float32 copy of W plus the
+deltas, each on its rows, rounded once to W's dtype) as a new tensor, puts it in the parameter's
+place, and keeps the original tensor itself; `restore` puts the originals back. The original
+tensors are never written to, so the model after a generation holds exactly the tensors it held
+before, whatever the dtype; subtracting the delta again would not give W back bit for bit in half
+precision. Forward hooks adding a low-rank term would also leave the weights alone, but cost time
+at every step of every layer, where a merged weight costs nothing after the one-off merge.
 """
 
 from __future__ import annotations
@@ -69,9 +80,11 @@ RENAMES: dict[type, dict[str, str]] = {
     Upsample: {},
     SpatialTransformer: {},
 }
-# Top-level UNet layers that a LoRA can adapt: ours -> diffusers'.
+# Top-level UNet layers that a LoRA can adapt: ours -> diffusers'. SDXL's vector input
+# (label_emb) is diffusers' add_embedding; only UNets that have one list it.
 TOP_LEVEL = {"input_blocks.0.0": "conv_in", "time_embed.0": "time_embedding.linear_1",
-             "time_embed.2": "time_embedding.linear_2", "out.2": "conv_out"}
+             "time_embed.2": "time_embedding.linear_2", "label_emb.0.0": "add_embedding.linear_1",
+             "label_emb.0.2": "add_embedding.linear_2", "out.2": "conv_out"}
 
 
 def _place(layer: nn.Module, index: int) -> str:
@@ -82,7 +95,8 @@ def _place(layer: nn.Module, index: int) -> str:
 
 def _block_names(unet) -> dict[str, tuple[str, nn.Module]]:
     """Our path of every block layer -> (diffusers' path, the layer). diffusers counts layers per
-    resolution level: a level's down block ends at its Downsample, its up block at its Upsample."""
+    resolution level: a level's down block ends at its Downsample, its up block at its Upsample.
+    Levels without attention (SDXL's first) have resnets only, which this counts the same way."""
     names: dict[str, tuple[str, nn.Module]] = {}
     level = index = 0
     for k, block in enumerate(unet.input_blocks):
@@ -109,23 +123,81 @@ def unet_diffusers_paths(unet) -> dict[str, str]:
         for inner, module in layer.named_modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
                 paths[f"{ours}.{inner}"] = f"{theirs}.{renames.get(inner, inner)}"
+    modules = dict(unet.named_modules())
     for ours, theirs in TOP_LEVEL.items():
-        paths[ours] = theirs
+        if ours in modules:
+            paths[ours] = theirs
     return paths
 
 
-def target_modules(sd_model) -> dict[str, nn.Module]:
-    """kohya layer name -> our Linear or Conv2d, for the UNet (diffusers and ldm spellings) and the
-    text encoder."""
+@dataclass(frozen=True, eq=False)
+class Target:
+    """Where a kohya layer's change goes: the parameter `weight`, or only its `rows` (the q, k or
+    v block of a fused in_proj_weight); `text` says that the prompt's text-encoder multiplier
+    applies rather than the UNet's."""
+
+    weight: nn.Parameter
+    rows: slice | None = None
+    text: bool = False
+
+    @property
+    def shape(self) -> torch.Size:
+        if self.rows is None:
+            return self.weight.shape
+        return torch.Size((self.rows.stop - self.rows.start, *self.weight.shape[1:]))
+
+
+def text_prefixes(count: int) -> list[str]:
+    """kohya's prefix for each of a model's `count` text encoders, in the model's order: a lone
+    encoder is lora_te_, SDXL's two are lora_te1_ (CLIP ViT-L) and lora_te2_ (OpenCLIP bigG)."""
+    return [TEXT_PREFIX] if count == 1 else [f"lora_te{i}_" for i in range(1, count + 1)]
+
+
+def _clip_targets(encoder, prefix: str) -> dict[str, Target]:
+    """transformers' CLIPTextModel: the file's names are our paths under `transformer`."""
+    return {prefix + path.replace(".", "_"): Target(module.weight, text=True)
+            for path, module in encoder.transformer.named_modules() if isinstance(module, nn.Linear)}
+
+
+def _openclip_targets(encoder, prefix: str) -> dict[str, Target]:
+    """An open_clip text tower under the CLIPTextModel names kohya trains it with (kohya converts
+    the tower to transformers' layout, splitting in_proj into q, k, v in that order), and under
+    its own module paths."""
+    targets = {}
+    for path, module in encoder.named_modules():
+        name = prefix + path.replace(".", "_")
+        if isinstance(module, nn.Linear):
+            targets[name] = Target(module.weight, text=True)
+        elif isinstance(module, nn.MultiheadAttention):
+            targets[name + "_in_proj"] = Target(module.in_proj_weight, text=True)
+    for n, block in enumerate(encoder.model.transformer.resblocks):
+        layer = f"{prefix}text_model_encoder_layers_{n}_"
+        width = block.attn.embed_dim
+        for i, part in enumerate("qkv"):
+            rows = slice(i * width, (i + 1) * width)
+            targets[f"{layer}self_attn_{part}_proj"] = Target(block.attn.in_proj_weight, rows, text=True)
+        targets[f"{layer}self_attn_out_proj"] = Target(block.attn.out_proj.weight, text=True)
+        targets[f"{layer}mlp_fc1"] = Target(block.mlp.c_fc.weight, text=True)
+        targets[f"{layer}mlp_fc2"] = Target(block.mlp.c_proj.weight, text=True)
+    return targets
+
+
+TEXT_TARGETS = {"clip": _clip_targets, "openclip": _openclip_targets}
+
+
+def layer_targets(sd_model) -> dict[str, Target]:
+    """kohya layer name -> where its change goes, for the UNet (diffusers and ldm spellings) and
+    every text encoder."""
     unet = sd_model.model.diffusion_model
     modules = dict(unet.named_modules())
     targets = {}
     for ours, theirs in unet_diffusers_paths(unet).items():
-        targets[UNET_PREFIX + theirs.replace(".", "_")] = modules[ours]
-        targets[UNET_PREFIX + ours.replace(".", "_")] = modules[ours]
-    for path, module in sd_model.cond_stage_model.transformer.named_modules():
-        if isinstance(module, nn.Linear):
-            targets[TEXT_PREFIX + path.replace(".", "_")] = module
+        target = Target(modules[ours].weight)
+        targets[UNET_PREFIX + theirs.replace(".", "_")] = target
+        targets[UNET_PREFIX + ours.replace(".", "_")] = target
+    encoders = sd_model.text_encoders
+    for encoder, spec, prefix in zip(encoders, sd_model.spec.text, text_prefixes(len(encoders))):
+        targets.update(TEXT_TARGETS[spec.kind](encoder, prefix))
     return targets
 
 
@@ -259,30 +331,35 @@ _NO_SEPARATORS = str.maketrans("", "", ":,")
 # ---- applying -----------------------------------------------------------------------------------
 
 
-def _plan(sd_model, resolved: list[tuple[LoraFile, NetworkCall]]) -> dict[nn.Parameter, list[tuple[LoraLayer, float]]]:
-    """Weight -> the LoRA layers to add to it with their multipliers; every check happens here,
-    before anything is changed."""
-    targets = target_modules(sd_model)
-    plan: dict[nn.Parameter, list[tuple[LoraLayer, float]]] = {}
+# A weight's share of a plan: the LoRA layer, its multiplier, and the rows it changes (None: all).
+Change = tuple[LoraLayer, float, slice | None]
+
+
+def _plan(sd_model, resolved: list[tuple[LoraFile, NetworkCall]]) -> dict[nn.Parameter, list[Change]]:
+    """Weight -> the LoRA layers to add to it, with their multipliers and rows; every check
+    happens here, before anything is changed."""
+    targets = layer_targets(sd_model)
+    family = sd_model.spec.family
+    plan: dict[nn.Parameter, list[Change]] = {}
     for lora, call in resolved:
         unmatched = [name for name in lora.layers if name not in targets]
         if len(unmatched) == len(lora.layers):
-            raise LoraError(f"LoRA {lora.name!r} matches no layer of this model (its layers are named like "
-                            f"{unmatched[0]}); it may be made for another model family, such as SDXL")
+            raise LoraError(f"LoRA {lora.name!r} matches no layer of this model ({family}); its layers are named like "
+                            f"{unmatched[0]}: it may be made for another model family")
         if unmatched:
-            log.warning("LoRA %s: %d of its %d layers are not in this model and are left out, e.g. %s",
-                        lora.name, len(unmatched), len(lora.layers), unmatched[0])
+            log.warning("LoRA %s: %d of its %d layers are not in this model (%s) and are left out, e.g. %s",
+                        lora.name, len(unmatched), len(lora.layers), family, unmatched[0])
         for name, layer in lora.layers.items():
-            module = targets.get(name)
-            if module is None:
+            target = targets.get(name)
+            if target is None:
                 continue
-            if not layer.fits(module.weight.shape):
-                raise LoraError(f"LoRA {lora.name!r} does not fit this model: layer {name} gives "
+            if not layer.fits(target.shape):
+                raise LoraError(f"LoRA {lora.name!r} does not fit this model ({family}): layer {name} gives "
                                 f"{list(layer.up.shape[:1]) + list(layer.down.shape[1:])}, the model's weight is "
-                                f"{list(module.weight.shape)}; it may be made for another model family")
-            multiplier = call.te if name.startswith(TEXT_PREFIX) else call.unet
+                                f"{list(target.shape)}; it may be made for another model family")
+            multiplier = call.te if target.text else call.unet
             if multiplier:
-                plan.setdefault(module.weight, []).append((layer, multiplier))
+                plan.setdefault(target.weight, []).append((layer, multiplier, target.rows))
     return plan
 
 
@@ -299,11 +376,14 @@ def apply(sd_model, resolved: list[tuple[LoraFile, NetworkCall]]) -> Callable[[]
 
     try:
         with torch.no_grad():
-            for weight, layers in plan.items():
+            for weight, changes in plan.items():
                 original = weight.data
-                total = original.float()
-                for layer, multiplier in layers:
-                    total = total + multiplier * layer.delta(original.shape, original.device)
+                # A copy even when W is float32 already: the deltas are added in place, row blocks
+                # at a time, and W itself must stay untouched.
+                total = original.to(torch.float32, copy=True)
+                for layer, multiplier, rows in changes:
+                    part = total if rows is None else total[rows]
+                    part += multiplier * layer.delta(part.shape, original.device)
                 originals[weight] = original
                 weight.data = total.to(original.dtype)
     except BaseException:
