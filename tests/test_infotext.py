@@ -184,6 +184,7 @@ def test_a1111_text_maps_onto_request_fields():
         "noise_source": "GPU",  # no "RNG" key: A1111 made the noise on the GPU
         "enable_hr": True, "hr_scale": 2.0, "hr_second_pass_steps": 15, "hr_upscaler": "R-ESRGAN 4x+",
         "denoising_strength": 0.45,
+        "refiner_checkpoint": None,  # no "Refiner" key: made without one
     }
 
 
@@ -228,6 +229,7 @@ def test_unreadable_values_are_skipped_not_raised():
             "Hires upscale: big, Hires steps: 2.5, Hires upscaler: Lanczos")
     assert request_from_infotext(text) == {
         "prompt": "p", "negative_prompt": "", "seed": 12, "scheduler": "Automatic", "hr_upscaler": "Lanczos",
+        "refiner_checkpoint": None,
     }
 
 
@@ -235,7 +237,7 @@ def test_request_fields_uses_already_parsed_text():
     fields = request_fields("a", "b", {"Steps": "3", "Size": "64x96", "Unknown key": "x"})
     assert fields == {
         "prompt": "a", "negative_prompt": "b", "steps": 3, "width": 64, "height": 96,
-        "clip_skip": 1, "noise_source": "GPU", "scheduler": "Automatic", "enable_hr": False,
+        "clip_skip": 1, "noise_source": "GPU", "scheduler": "Automatic", "enable_hr": False, "refiner_checkpoint": None,
     }
 
 
@@ -270,3 +272,9 @@ def test_reading_parameters_does_not_load_torch():
         "sys.exit('torch' in sys.modules)"
     )
     assert subprocess.run([sys.executable, "-c", code], cwd=root).returncode == 0
+
+
+def test_refiner_keys_map_onto_the_refiner_fields():
+    text = "a castle\nSteps: 30, Seed: 1, Size: 1024x1024, Refiner: sd_xl_refiner_1.0 [7440042bbd], Refiner switch at: 0.75"
+    fields = request_from_infotext(text)
+    assert (fields["refiner_checkpoint"], fields["refiner_switch_at"]) == ("sd_xl_refiner_1.0 [7440042bbd]", 0.75)

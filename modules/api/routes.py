@@ -113,7 +113,8 @@ def create_router(ctx) -> APIRouter:
     @router.get("/sd-models", response_model=list[api.ModelItem])
     def sd_models():
         return [
-            api.ModelItem(title=c.title, model_name=c.name, hash=None, sha256=None, filename=str(c.path))
+            api.ModelItem(title=c.title, model_name=c.name, hash=None, sha256=None, filename=str(c.path),
+                          config=str(c.config) if c.config else None)
             for c in ctx.models.checkpoints()
         ]
 

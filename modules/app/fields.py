@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 LIMITS = "limits"  # the key of a field's metadata that holds its Bounds or Choices
-ONLY_WITH = "only_with"  # the key naming a bool field without which this one is not checked
+ONLY_WITH = "only_with"  # the key naming a field (a switch or an optional value) without which this one is not checked
 
 
 def _number(value: float) -> str:

@@ -116,6 +116,8 @@ _READERS: dict[str, Callable[[str], dict[str, object]]] = {
     "Size": _size,
     "Clip skip": _field("clip_skip", int),
     "RNG": _noise_source,
+    "Refiner": lambda value: {"refiner_checkpoint": None if value.strip() == "None" else value.strip()},
+    "Refiner switch at": _field("refiner_switch_at", float),
 }
 
 
@@ -134,7 +136,7 @@ _HIRES_READERS: dict[str, Callable[[str], dict[str, object]]] = {
 }
 
 # What A1111 means by a key that is missing from a parameters line.
-_MISSING_MEANS = {"Clip skip": "1", "RNG": "GPU", "Schedule type": "Automatic"}
+_MISSING_MEANS = {"Clip skip": "1", "RNG": "GPU", "Schedule type": "Automatic", "Refiner": "None"}
 
 
 def _choice(name: str, choices: tuple[str, ...], convert: Callable[[int], object] = int) -> Callable[[str], dict[str, object]]:

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from modules.app.errors import RequestError
 from modules.context import AppContext
 from modules.generation import hires, img2img
 from modules.generation.parameters import infotext_params
@@ -58,10 +59,31 @@ def sampling_steps(request: GenerationRequest) -> int:
     return request.steps + (hires.sampling_steps(request) if request.enable_hr else 0)
 
 
+@dataclass(frozen=True)
+class Refiner:
+    """The model that takes over each sampling pass part-way (request.refiner_checkpoint), with
+    its own embeddings table and offload context."""
+
+    model: object
+    embeddings: object = None
+    using: Callable[[str], contextlib.AbstractContextManager] = _no_offload
+
+
+def check_refiner(sd_model, refiner_model) -> None:
+    """RequestError unless the refiner can go on from the main model's latents."""
+    name = refiner_model.checkpoint.name if hasattr(refiner_model, "checkpoint") else "the refiner"
+    if refiner_model.scale_factor != sd_model.scale_factor or refiner_model.latent_channels != sd_model.latent_channels:
+        raise RequestError(f"the refiner {name} ({refiner_model.spec.family}) works in another latent space than "
+                           f"the checkpoint ({sd_model.spec.family}); choose a refiner of the same family")
+    if refiner_model.concat_channels and refiner_model.concat_channels != sd_model.concat_channels:
+        raise RequestError(f"the refiner {name} is an inpainting model; use it with an inpainting checkpoint")
+
+
 def sample_latents(sd_model, request: GenerationRequest, seeds: list[int], *, device=None,
                    using: Callable[[str], contextlib.AbstractContextManager] = _no_offload,
                    callback: Callable[[dict], None] | None = None, embeddings=None,
-                   init: img2img.InitLatent | None = None, image_conditioning: torch.Tensor | None = None) -> torch.Tensor:
+                   init: img2img.InitLatent | None = None, image_conditioning: torch.Tensor | None = None,
+                   refiner: Refiner | None = None) -> torch.Tensor:
     """Steps 3-5 for one batch (one image per seed): conditioning, seeded noise, sampling.
     `using(part)` puts a part of the model on the device while it works (offload modes);
     `callback` sees k-diffusion's dict after each step and may raise SamplingStopped;
@@ -70,7 +92,9 @@ def sample_latents(sd_model, request: GenerationRequest, seeds: list[int], *, de
     img2img gives `init`: sampling starts part-way down the schedule from the encoded picture
     plus that level of noise, and where `init.keep` is 1 the original latent is kept.
     `image_conditioning` is an inpainting model's c_concat; without it such a model gets
-    A1111's txt2img default (everything masked, a grey picture)."""
+    A1111's txt2img default (everything masked, a grey picture). With a `refiner`, the steps
+    after request.refiner_step run on it: the same sampler goes on down the same levels from
+    the latent reached, conditioned by the refiner's own text encoders."""
     device = device or torch.device("cpu")
     sampler = find_sampler(request.sampler_name)
     denoiser = model_denoiser(sd_model)
@@ -83,41 +107,54 @@ def sample_latents(sd_model, request: GenerationRequest, seeds: list[int], *, de
         if len(sigmas) < 2:  # strength 0: no noise to remove
             return init.latent
 
-    # 3. Text -> conditioning, one schedule per image (prompt editing switches at steps); the
-    #    prompt's <lora:...> tags are not text, embeddings' vectors go where their names stand.
-    prompt = strip_extra_networks(request.prompt)
-    with using("text"), torch.no_grad():
-        conditioning = encode_prompts(
-            sd_model, [prompt] * len(seeds), [request.negative_prompt] * len(seeds), request.steps, request.clip_skip,
-            embeddings=embeddings, size=(request.width, request.height),
-        )
+    # The stages of the pass: (model, its denoiser, embeddings, offload, the levels it samples).
+    stages = [(sd_model, denoiser, embeddings, using, sigmas)]
+    switch = request.refiner_step(len(sigmas) - 1) if refiner is not None else None
+    if switch is not None:
+        stages = [(sd_model, denoiser, embeddings, using, sigmas[:switch + 1]),
+                  (refiner.model, model_denoiser(refiner.model), refiner.embeddings, refiner.using, sigmas[switch:])]
 
     # 4. Each image's starting noise from its own seed (on top of the picture, for img2img).
     x = image_noise(seeds, latent_shape, source=request.noise_source, device=device) * sigmas[0]
-    extra_args = {"conditioning": conditioning, "cond_scale": request.cfg_scale}
     if init is not None:
         x = x + init.latent
-        if init.keep is not None:
-            extra_args.update(init_latent=init.latent, keep=init.keep)
     if image_conditioning is None and sd_model.concat_channels:
         grey = torch.zeros(1, 3, request.height, request.width, device=device)
         with using("vae"):
             image_conditioning = img2img.inpaint_conditioning(sd_model, grey, None, 1.0, len(seeds))
-    if image_conditioning is not None:
-        extra_args["c_concat"] = image_conditioning
 
-    # 5. Sampling; the callback reports progress and is where interrupt/skip take effect.
-    with using("unet"), torch.no_grad():
-        latents = run_sampler(
-            sampler, CFGDenoiser(denoiser), x, sigmas, extra_args=extra_args,
-            callback=callback, seeds=seeds, noise_source=request.noise_source,
-        )
+    done = 0
+    for model, model_denoiser_, model_embeddings, model_using, levels in stages:
+        # 3. Text -> conditioning, one schedule per image (prompt editing switches at steps); the
+        #    prompt's <lora:...> tags are not text, embeddings' vectors go where their names stand.
+        prompt = strip_extra_networks(request.prompt)
+        with model_using("text"), torch.no_grad():
+            conditioning = encode_prompts(
+                model, [prompt] * len(seeds), [request.negative_prompt] * len(seeds), request.steps, request.clip_skip,
+                embeddings=model_embeddings, size=(request.width, request.height),
+            )
+        extra_args = {"conditioning": conditioning, "cond_scale": request.cfg_scale}
+        if init is not None and init.keep is not None:
+            extra_args.update(init_latent=init.latent, keep=init.keep)
+        if image_conditioning is not None and model.concat_channels:
+            extra_args["c_concat"] = image_conditioning
+
+        # 5. Sampling; the callback reports progress and is where interrupt/skip take effect.
+        guided = CFGDenoiser(model_denoiser_)
+        guided.step = done
+        on_step = callback if not done or callback is None else (lambda d, before=done: callback({**d, "i": d["i"] + before}))
+        with model_using("unet"), torch.no_grad():
+            x = run_sampler(
+                sampler, guided, x, levels, extra_args=extra_args,
+                callback=on_step, seeds=seeds, noise_source=request.noise_source,
+            )
+        done += len(levels) - 1
     if init is not None and init.keep is not None:
-        latents = latents * (1 - init.keep) + init.latent * init.keep
-    return latents
+        x = x * (1 - init.keep) + init.latent * init.keep
+    return x
 
 
-def _hires_pass(sd_model, request, latents, seeds, ctx, using, on_step, embeddings) -> torch.Tensor:
+def _hires_pass(sd_model, request, latents, seeds, ctx, using, on_step, embeddings, refiner) -> torch.Tensor:
     """The hires fix's upscale and second pass over one batch's first-pass latents."""
     device = ctx.models.policy.device
 
@@ -133,7 +170,8 @@ def _hires_pass(sd_model, request, latents, seeds, ctx, using, on_step, embeddin
     init = img2img.InitLatent(upscaled, request.denoising_strength)
     try:
         return sample_latents(sd_model, hires.second_pass_request(request), seeds, device=device, using=using,
-                              callback=lambda d: on_step(d, before=request.steps), embeddings=embeddings, init=init)
+                              callback=lambda d: on_step(d, before=request.steps), embeddings=embeddings, init=init,
+                              refiner=refiner)
     except SamplingStopped as stopped:
         return stopped.latent
 
@@ -163,6 +201,16 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
     preview_every = ctx.settings.live_preview_every
     save = ctx.settings.save_images if save is None else save
     embeddings = ctx.embeddings.table(sd_model.text_width)
+    refiner = refiner_params = None
+    if request.refiner_checkpoint:
+        refiner_model = ctx.models.get(request.refiner_checkpoint, ctx.settings.sd_vae, refiner=True)
+        check_refiner(sd_model, refiner_model)
+        refiner = Refiner(refiner_model, ctx.embeddings.table(refiner_model.text_width),
+                          lambda part: ctx.models.using(refiner_model, part))
+        refiner_params = {
+            "Refiner": f"{refiner_model.checkpoint.name} [{ctx.models.hash_of(refiner_model.checkpoint)}]",
+            "Refiner switch at": request.refiner_switch_at,
+        }
     texts = [strip_extra_networks(request.prompt), request.negative_prompt]
     network_params = {
         "Lora hashes": ctx.loras.infotext_value(loras),
@@ -208,13 +256,13 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
             try:
                 latents = sample_latents(sd_model, request, batch_seeds, device=ctx.models.policy.device,
                                          using=using, callback=on_step, embeddings=embeddings,
-                                         init=init, image_conditioning=conditioning)
+                                         init=init, image_conditioning=conditioning, refiner=refiner)
             except SamplingStopped as stopped:
                 latents = stopped.latent
             # The hires fix, unless the first pass was stopped (as in A1111).
             hires_done = request.enable_hr and not (job.interrupted or job.skipped)
             if hires_done:
-                latents = _hires_pass(sd_model, request, latents, batch_seeds, ctx, using, on_step, embeddings)
+                latents = _hires_pass(sd_model, request, latents, batch_seeds, ctx, using, on_step, embeddings, refiner)
             result.interrupted = result.interrupted or job.interrupted
 
             # 6. Latents -> pixels (img2img: pasted back and composited over the original).
@@ -231,7 +279,7 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
                     infotext_params(info_request.replace(enable_hr=hires_done), seed=seed, model_hash=model_hash,
                                     model_name=checkpoint.name, mask_weight=mask_weight,
                                     extra=prepared.params if prepared else None)
-                    | network_params,
+                    | network_params | (refiner_params or {}),
                 )
                 if save:
                     result.paths.append(storage.save_image(image, outdir, seed=seed, prompt=request.prompt, infotext=infotext))

@@ -9,6 +9,7 @@ that passed it.
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from dataclasses import dataclass
 from typing import Any
@@ -63,6 +64,10 @@ class GenerationRequest:
     hr_resize_y: int = bounded(0, 0, MAX_SIDE, multiple=SIZE_STEP, only_with="enable_hr")
     # Of the hires pass here; of the whole job in img2img.
     denoising_strength: float = bounded(0.7, 0, 1, whole=False, only_with="enable_hr")
+    # A second checkpoint (A1111's names; SDXL's refiner) that takes over each sampling pass once
+    # this fraction of its steps is done, going on from the same latent. None: no refiner.
+    refiner_checkpoint: str | None = None
+    refiner_switch_at: float = bounded(0.8, 0, 1, whole=False, low_allowed=False, only_with="refiner_checkpoint")
 
     mode = "txt2img"
 
@@ -93,6 +98,8 @@ class GenerationRequest:
                 problems.append(f"{field}: {e}")
         if not isinstance(self.styles, (list, tuple)) or not all(isinstance(s, str) for s in self.styles):
             problems.append(f"styles must be a list of style names, got {self.styles!r}")
+        if self.refiner_checkpoint is not None and not isinstance(self.refiner_checkpoint, str):
+            problems.append(f"refiner_checkpoint must be a checkpoint's name, got {self.refiner_checkpoint!r}")
         sampler = scheduler = None
         try:
             sampler = find_sampler(self.sampler_name)
@@ -107,8 +114,20 @@ class GenerationRequest:
         if problems:
             raise RequestError("; ".join(problems))
         hires = dict(denoising_strength=float(self.denoising_strength), hr_scale=float(self.hr_scale)) if self.enable_hr else {}
+        # A1111's UI and infotext say "None" for no refiner.
+        refiner = None if self.refiner_checkpoint in (None, "", "None") else self.refiner_checkpoint
+        refining = dict(refiner_switch_at=float(self.refiner_switch_at)) if refiner else {}
         return self.replace(sampler_name=sampler.name, scheduler=scheduler.label, cfg_scale=float(self.cfg_scale),
-                            styles=tuple(self.styles), enable_hr=bool(self.enable_hr), **hires)
+                            styles=tuple(self.styles), enable_hr=bool(self.enable_hr), refiner_checkpoint=refiner,
+                            **hires, **refining)
+
+    def refiner_step(self, steps: int) -> int | None:
+        """After how many of a pass's `steps` the refiner takes over (A1111: at the first step
+        whose share of the steps done reaches refiner_switch_at), or None when it never does."""
+        if not self.refiner_checkpoint:
+            return None
+        switch = math.ceil(self.refiner_switch_at * steps - 1e-9)
+        return switch if switch < steps else None
 
     def _hires_problems(self) -> list[str]:
         """What the hires fix's fields, each within its limits, make wrong together."""

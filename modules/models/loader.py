@@ -164,20 +164,24 @@ def _materialize_buffers(model: torch.nn.Module) -> None:
             module.register_buffer(name, torch.arange(buffer.shape[-1]).expand(buffer.shape).clone(), persistent=False)
 
 
+def config_path(path: Path) -> Path:
+    """Where a checkpoint's config is: NAME.yaml beside NAME.safetensors (or .ckpt)."""
+    return Path(path).with_suffix(".yaml")
+
+
 def read_config(path: Path) -> dict | None:
-    """The `.yaml` config beside a checkpoint (NAME.yaml for NAME.safetensors) as plain data, or
-    None when there is none."""
-    config_path = Path(path).with_suffix(".yaml")
-    if not config_path.is_file():
+    """The `.yaml` config beside a checkpoint as plain data, or None when there is none."""
+    config = config_path(path)
+    if not config.is_file():
         return None
     from omegaconf import OmegaConf  # only for checkpoints that have a config beside them
 
     try:
-        data = OmegaConf.to_container(OmegaConf.load(config_path), resolve=False)
+        data = OmegaConf.to_container(OmegaConf.load(config), resolve=False)
     except Exception as e:  # omegaconf and yaml report bad files with many exception types
-        raise CheckpointError(f"{config_path.name}: not a readable config ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{config.name}: not a readable config ({type(e).__name__}: {e})") from e
     if not isinstance(data, dict):
-        raise CheckpointError(f"{config_path.name}: holds a {type(data).__name__}, not an ldm or sgm config")
+        raise CheckpointError(f"{config.name}: holds a {type(data).__name__}, not an ldm or sgm config")
     return data
 
 

@@ -31,6 +31,12 @@ class CheckpointInfo:
         """What A1111 writes as 'Model:' in the infotext: the file name without its extension."""
         return self.path.stem
 
+    @property
+    def config(self) -> Path | None:
+        """The .yaml config beside the checkpoint (see loader.read_config), if there is one."""
+        path = loader.config_path(self.path)
+        return path if path.is_file() else None
+
 
 @dataclass(frozen=True)
 class DevicePolicy:
@@ -73,14 +79,15 @@ PARTS = {
 
 
 class ModelManager:
-    """Owns the one loaded SDModel; loading another checkpoint replaces it."""
+    """Owns the loaded SDModel (and a refiner's, while jobs use one); loading another checkpoint
+    replaces it."""
 
     def __init__(self, paths: Paths, policy: DevicePolicy, selected: str | None = None) -> None:
         self.paths = paths
         self.policy = policy
         self.selected = selected
-        self._loaded = None
-        self._loaded_key: tuple | None = None
+        # "main" and "refiner" -> (what was loaded: path, file version, VAE file; the SDModel)
+        self._slots: dict[str, tuple[tuple, object]] = {}
         self._lock = threading.Lock()
 
     # -- listing -------------------------------------------------------------------------------
@@ -138,24 +145,35 @@ class ModelManager:
 
     # -- loading -------------------------------------------------------------------------------
 
-    def get(self, name: str | None = None, vae_choice: str = "Automatic"):
-        """The SDModel for `name` (or the selected one) with the chosen VAE, loading it if it is not the one in memory."""
+    def get(self, name: str | None = None, vae_choice: str = "Automatic", *, refiner: bool = False):
+        """The SDModel for `name` (or the selected one) with the chosen VAE, loading it if it is
+        not in memory. The refiner (`refiner=True`) has a place of its own beside the main
+        model, so a job that switches to it does not load either again; it does not change the
+        selected checkpoint."""
         info = self.find_checkpoint(name) if name else self.default_checkpoint()
         if info is None:
             raise LookupError("No checkpoint found: put a .safetensors or .ckpt file in models/Stable-diffusion")
         vae = self.vae_for(info, vae_choice)
         key = (info.path, info.path.stat().st_mtime_ns, vae)
+        slot, other = ("refiner", "main") if refiner else ("main", "refiner")
         with self._lock:
-            if self._loaded_key != key:
-                self._loaded = None  # drop the old model before the new one takes its memory
-                self._loaded_key = None
-                model = loader.load_checkpoint(info.path, vae_path=vae)
-                self._place(model)
-                model.checkpoint = info
-                model.vae_file = vae
-                self._loaded, self._loaded_key = model, key
-            self.selected = info.title
-            return self._loaded
+            if self._slots.get(slot, (None,))[0] != key:
+                self._slots.pop(slot, None)  # drop the old model before the new one takes its memory
+                if self._slots.get(other, (None,))[0] == key:
+                    model = self._slots[other][1]
+                else:
+                    model = loader.load_checkpoint(info.path, vae_path=vae)
+                    self._place(model)
+                    model.checkpoint = info
+                    model.vae_file = vae
+                self._slots[slot] = (key, model)
+            if not refiner:
+                self.selected = info.title
+            return self._slots[slot][1]
+
+    @property
+    def _loaded(self):
+        return self._slots.get("main", (None, None))[1]
 
     def loaded_resolution(self) -> int | None:
         """Native resolution of the model in memory, for the UI's default width and height."""
@@ -169,7 +187,7 @@ class ModelManager:
 
     def unload(self) -> None:
         with self._lock:
-            self._loaded = self._loaded_key = None
+            self._slots.clear()
 
     def _place(self, model) -> None:
         place(model, self.policy)

@@ -32,13 +32,14 @@ import torch
 
 from modules.app import fileio
 from modules.images.storage import ILLEGAL_CHARACTERS
-from modules.models import loader
+from modules.models import detect, loader
 from modules.models import safetensors_stream as st
 from modules.service.jobs import Job
 
 FORMATS = ("safetensors", "ckpt")
-# Never merged, as in A1111: an integer index, the same in every SD 1.x file.
-SKIP_ON_MERGE = {"cond_stage_model.transformer.text_model.embeddings.position_ids"}
+# Never merged, as in A1111: an integer index, the same in every file that has it.
+SKIP_ON_MERGE = {"cond_stage_model.transformer.text_model.embeddings.position_ids",
+                 "conditioner.embedders.0.transformer.text_model.embeddings.position_ids"}
 # File metadata that says how to run the model (see modules/models/detect.py); the result keeps A's.
 CARRIED_METADATA = ("resolution", "prediction", "scale_factor")
 LATENT_CHANNELS = 4
@@ -142,6 +143,23 @@ def _merged(key: str, a: Info, b: Info, c: Info | None) -> int | None:
     raise MergeError(f"{key} is {list(a.shape)} in A but {list(b.shape)} in B: the models are of different kinds and cannot be merged")
 
 
+def _family(infos: Infos) -> str | None:
+    """The model family the tensors are (inpainting or not), or None when detection cannot tell."""
+    try:
+        return detect.detect({k: i.shape for k, i in infos.items()}).family.removesuffix(" inpainting")
+    except detect.DetectionError:
+        return None
+
+
+def check_families(a: Infos, b: Infos | None, c: Infos | None) -> None:
+    """MergeError naming both families when B or C is of another family than A."""
+    family_a = _family(a)
+    for letter, other in (("B", b), ("C", c)):
+        family = _family(other) if other is not None else None
+        if family_a and family and family != family_a:
+            raise MergeError(f"A is an {family_a} model and {letter} an {family} model: only models of one family can be merged")
+
+
 def plan(method: Interpolation, a: Infos, b: Infos | None = None, c: Infos | None = None, *, half: bool = False,
          vae: Infos | None = None, discard: str = "") -> Plan:
     """The output of merging models with these tensors; pure."""
@@ -151,6 +169,7 @@ def plan(method: Interpolation, a: Infos, b: Infos | None = None, c: Infos | Non
         raise MergeError(f"discard weights: {discard!r} is not a regular expression ({e})") from e
     b = b if method.models >= 2 else None
     c = c if method.models >= 3 else None
+    check_families(a, b, c)
     steps: list[Step] = []
     inpainting = pix2pix = False
     for key, info in a.items():

@@ -4,6 +4,7 @@ text encoder under `cond_stage_model.`, SDXL under `conditioner.embedders.N.`)."
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -13,6 +14,8 @@ from modules.models.detect import ModelSpec
 from modules.models.text_encoders import ENCODERS, Replacement
 from modules.models.unet import UNetModel, timestep_embedding
 from modules.models.vae import AutoencoderKL
+
+log = logging.getLogger(__name__)
 
 # SDXL's size and aesthetic-score numbers each enter the UNet's vector as a sinusoidal
 # embedding this wide, as in sgm's ConcatTimestepEmbedderND.
@@ -164,8 +167,19 @@ class SDModel(nn.Module):
         return (z * self.scale_factor).to(img.dtype)
 
     def decode_first_stage(self, latent: torch.Tensor) -> torch.Tensor:
-        """Scaled latent -> image in (about) [-1, 1], in the latent's dtype."""
-        return self.first_stage_model.decode(latent / self.scale_factor).to(latent.dtype)
+        """Scaled latent -> image in (about) [-1, 1], in the latent's dtype.
+
+        SDXL's VAE overflows in float16 (black or NaN pictures). When a half-precision decode
+        gives NaN or inf, the VAE is put in float32 for good (the checkpoint's next load follows
+        the policy again) and the latent decoded again, as A1111 does; --no-half-vae starts so."""
+        vae = self.first_stage_model
+        decoded = vae.decode(latent / self.scale_factor)
+        if vae.dtype != torch.float32 and not bool(torch.isfinite(decoded).all()):
+            log.warning("The VAE gave NaN or infinite values in %s; decoding in float32 from now on for this model "
+                        "(start with --no-half-vae to do so from the first picture).", str(vae.dtype).removeprefix("torch."))
+            vae.to(torch.float32)
+            decoded = vae.decode(latent.float() / self.scale_factor)
+        return decoded.to(latent.dtype)
 
     def encode_text(self, tokens: torch.Tensor, clip_skip: int = 1,
                     replace: Sequence[Replacement] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:

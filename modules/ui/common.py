@@ -35,6 +35,23 @@ def form_fields(request_type: type, values: dict[str, Any]) -> dict[str, Any]:
     return fields
 
 
+def refiner_accordion(ctx, prefix: str, switch_at: float) -> tuple[gr.Dropdown, gr.Slider]:
+    """A1111's "Refiner" accordion: a second checkpoint ("None": no refiner) and the fraction of
+    the steps after which it takes over."""
+
+    def titles() -> list[str]:
+        return ["None"] + [c.title for c in ctx.models.checkpoints()]
+
+    with gr.Accordion("Refiner", open=False, elem_id=f"{prefix}_refiner"):
+        with gr.Row():
+            checkpoint = gr.Dropdown(titles(), value="None", label="Checkpoint", elem_id=f"{prefix}_refiner_checkpoint")
+            refresh = gr.Button("🔄", size="sm", min_width=40, elem_id=f"{prefix}_refiner_refresh", scale=0)
+            switch = gr.Slider(0.01, 1, value=switch_at, step=0.01, label="Switch at", elem_id=f"{prefix}_refiner_switch_at")
+    refresh.click(lambda current: gr.update(choices=titles(), value=current if current in titles() else "None"),
+                  inputs=checkpoint, outputs=checkpoint, queue=False)
+    return checkpoint, switch
+
+
 def progress_html(job: Job) -> str:
     if job.finished:
         return ""

@@ -13,7 +13,7 @@ from modules.generation.request import Img2ImgRequest
 from modules.sampling.registry import SAMPLERS
 from modules.sampling.schedules import SCHEDULES
 from modules.service.jobs import Job
-from modules.ui.common import OutputPanel, PromptArea, SeedRow, form_fields, wire_generation
+from modules.ui.common import OutputPanel, PromptArea, SeedRow, form_fields, refiner_accordion, wire_generation
 from modules.ui.paste import PasteTarget
 
 # The source tabs, in order: the index is what the tab's select event stores.
@@ -100,6 +100,7 @@ def build(ctx, checkpoint: gr.Dropdown) -> tuple[PasteTarget, PasteTarget]:
                                   elem_id="img2img_denoising_strength")
             seed_row = SeedRow.build("img2img")
             seed = seed_row.seed
+            refiner, refiner_switch_at = refiner_accordion(ctx, "img2img", defaults.refiner_switch_at)
             with gr.Accordion("Advanced", open=False):
                 clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip", elem_id="img2img_clip_skip")
                 noise_source = gr.Radio(["CPU", "GPU"], value=ctx.settings.noise_source, label="Random number source", elem_id="img2img_noise_source")
@@ -123,7 +124,8 @@ def build(ctx, checkpoint: gr.Dropdown) -> tuple[PasteTarget, PasteTarget]:
               "steps": steps, "cfg_scale": cfg_scale, "seed": seed, "width": width, "height": height,
               "batch_count": batch_count, "batch_size": batch_size, "clip_skip": clip_skip, "noise_source": noise_source,
               "checkpoint": checkpoint, "denoising_strength": denoising, "mask_blur": mask_blur,
-              "inpaint_full_res_padding": padding, "inpainting_mask_weight": mask_weight}
+              "inpaint_full_res_padding": padding, "inpainting_mask_weight": mask_weight,
+              "refiner_checkpoint": refiner, "refiner_switch_at": refiner_switch_at}
     # ... and the options chosen by their index, which Generate reads too.
     by_index = {"resize_mode": resize_mode, "inpainting_fill": masked_content, "inpainting_mask_invert": mask_mode,
                 "inpaint_full_res": inpaint_area}

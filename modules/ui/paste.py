@@ -26,9 +26,8 @@ class PasteTarget:
     image_updates: dict = field(default_factory=dict)
 
 
-def checkpoint_title(ctx, params: dict[str, str]) -> str | None:
-    """The dropdown title of the infotext's "Model", when that checkpoint is here."""
-    name = params.get("Model")
+def checkpoint_title(ctx, name: str | None) -> str | None:
+    """The dropdown title of a checkpoint named in an infotext, when that checkpoint is here."""
     if not name:
         return None
     try:
@@ -41,9 +40,14 @@ def field_values(ctx, infotext: str, fields: dict[str, object]) -> dict[object, 
     """{component: new value} for the components of `fields` that the infotext sets."""
     prompt, negative, params = parse_infotext(infotext or "")
     values = request_fields(prompt, negative, params, img2img=True)
-    checkpoint = checkpoint_title(ctx, params)
+    checkpoint = checkpoint_title(ctx, params.get("Model"))
     if checkpoint is not None:
         values["checkpoint"] = checkpoint
+    if "refiner_checkpoint" in values:  # the dropdown lists titles, and "None"
+        refiner = values.pop("refiner_checkpoint")
+        title = "None" if refiner is None else checkpoint_title(ctx, refiner)
+        if title is not None:
+            values["refiner_checkpoint"] = title
     return {fields[name]: value for name, value in values.items() if name in fields}
 
 

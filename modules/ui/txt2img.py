@@ -12,7 +12,7 @@ from modules.sampling.registry import SAMPLERS
 from modules.sampling.schedules import SCHEDULES
 from modules.service.jobs import Job
 from modules.ui import prompt_tools
-from modules.ui.common import OutputPanel, PromptArea, SeedRow, form_fields, wire_generation
+from modules.ui.common import OutputPanel, PromptArea, SeedRow, form_fields, refiner_accordion, wire_generation
 
 
 def final_size(width, height, scale, resize_x, resize_y) -> str:
@@ -56,6 +56,7 @@ def build(ctx, checkpoint: gr.Dropdown) -> dict:
                     hr_resize_y = gr.Slider(0, 2048, value=0, step=8, label="Resize height to", elem_id="txt2img_hr_resize_y")
                 hr_final = gr.Markdown(final_size(defaults.width, defaults.height, defaults.hr_scale, 0, 0),
                                        elem_id="txt2img_hr_final")
+            refiner, refiner_switch_at = refiner_accordion(ctx, "txt2img", defaults.refiner_switch_at)
             with gr.Accordion("Advanced", open=False):
                 clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip", elem_id="txt2img_clip_skip")
                 noise_source = gr.Radio(["CPU", "GPU"], value=ctx.settings.noise_source, label="Random number source", elem_id="txt2img_noise_source")
@@ -70,7 +71,8 @@ def build(ctx, checkpoint: gr.Dropdown) -> dict:
               "batch_count": batch_count, "batch_size": batch_size, "clip_skip": clip_skip,
               "noise_source": noise_source, "checkpoint": checkpoint, "styles": styles, "enable_hr": enable_hr,
               "hr_upscaler": hr_upscaler, "hr_second_pass_steps": hr_steps, "denoising_strength": denoising,
-              "hr_scale": hr_scale, "hr_resize_x": hr_resize_x, "hr_resize_y": hr_resize_y}
+              "hr_scale": hr_scale, "hr_resize_x": hr_resize_x, "hr_resize_y": hr_resize_y,
+              "refiner_checkpoint": refiner, "refiner_switch_at": refiner_switch_at}
 
     def run(*values):
         try:
