@@ -35,12 +35,17 @@ def key_list(name: str) -> dict[str, tuple[int, ...]]:
     return {k: tuple(v) for k, v in json.loads((KEY_LISTS / f"{name}.json").read_text())["keys"].items()}
 
 
+def shapes(spec) -> dict[str, tuple[int, ...]]:
+    """The keys and shapes of the model `spec` builds, allocating nothing."""
+    return {k: tuple(v.shape) for k, v in build_model(spec, device="meta").state_dict().items()}
+
+
 # ---- the real checkpoints' keys -------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name, family, inpainting", RELEASED)
 def test_full_size_model_has_exactly_the_released_files_keys(name, family, inpainting):
-    ours = {k: tuple(v.shape) for k, v in build_model(detect.full_size_spec(family, inpainting), device="meta").state_dict().items()}
+    ours = shapes(detect.full_size_spec(family, inpainting))
     theirs = {k: v for k, v in key_list(name).items() if not k.endswith(POSITION_IDS)}
     assert sorted(set(ours) ^ set(theirs)) == []
     assert {k: s for k, s in ours.items() if theirs[k] != s} == {}
@@ -50,8 +55,7 @@ def test_full_size_model_has_exactly_the_released_files_keys(name, family, inpai
 def test_released_files_are_detected_as_their_family(name, family, inpainting):
     spec = detect.detect(key_list(name))
     assert spec.family == family + (" inpainting" if inpainting else "")
-    full = build_model(detect.full_size_spec(family, inpainting), device="meta").state_dict()
-    assert build_model(spec, device="meta").state_dict().keys() == full.keys()
+    assert shapes(spec) == shapes(detect.full_size_spec(family, inpainting))
     expected = {"SD1": ("eps", 512, 0.18215, None), "SD2": ("v", 768, 0.18215, None),
                 "SDXL": ("eps", 1024, 0.13025, "sdxl"), "SDXL refiner": ("eps", 1024, 0.13025, "refiner")}[family]
     if family == "SD2" and inpainting:
@@ -70,14 +74,17 @@ def test_sdxl_encoders_are_read_off_the_keys():
 
 LDM_V_CONFIG = {"model": {"params": {"parameterization": "v", "scale_factor": 0.18215, "unet_config": {
     "params": {"image_size": 96, "num_head_channels": 64}}}}}
-SGM_V_CONFIG = {"model": {"params": {"scale_factor": 0.13025, "denoiser_config": {"params": {"scaling_config": {
-    "target": "sgm.modules.diffusionmodules.denoiser_scaling.VScaling"}}}, "network_config": {"params": {"num_head_channels": 64}}}}}
+SGM_V_CONFIG = {"model": {"params": {
+    "scale_factor": 0.13025,
+    "denoiser_config": {"params": {"scaling_config": {"target": "sgm.modules.diffusionmodules.denoiser_scaling.VScaling"}}},
+    "network_config": {"params": {"num_head_channels": 64}}}}}
 
 
 def test_configs_say_what_the_weights_cannot():
     assert detect.config_overrides(LDM_V_CONFIG) == {"prediction": "v", "scale_factor": 0.18215, "resolution": 768,
                                                      "unet": {"num_head_channels": 64}}
-    assert detect.config_overrides(SGM_V_CONFIG) == {"prediction": "v", "scale_factor": 0.13025, "unet": {"num_head_channels": 64}}
+    assert detect.config_overrides(SGM_V_CONFIG) == {"prediction": "v", "scale_factor": 0.13025,
+                                                     "unet": {"num_head_channels": 64}}
     eps = {"model": {"params": {"unet_config": {"params": {"image_size": 64, "num_heads": 8}}}}}
     assert detect.config_overrides(eps) == {"resolution": 512, "unet": {"num_heads": 8, "num_head_channels": -1}}
     assert detect.config_overrides({"something": "else"}) == detect.config_overrides(None) == {}
@@ -113,7 +120,7 @@ def test_ztsnr_models_get_a_schedule_ending_in_pure_noise():
 
 
 @pytest.mark.parametrize("keys, words", [
-    (["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"], "Stable Diffusion 3 checkpoint, which is not supported yet"),
+    (["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight"], "Stable Diffusion 3 checkpoint, which is not supported"),
     (["double_blocks.0.img_attn.qkv.weight"], "Flux checkpoint"),
     (["encoder.conv_in.weight", "decoder.conv_in.weight"], "VAE file"),
     (["lora_te1_text_model_encoder_layers_0_mlp_fc1.alpha"], "LoRA file"),
@@ -332,3 +339,47 @@ def test_merging_two_families_names_both(family_ctx):
     with pytest.raises(merger.MergeError, match="A is an SDXL model and B an SD2 model"):
         merger.merge(family_ctx, merger.MergeRequest(primary="xl", secondary="sd2", name="mixed"))
     assert not (family_ctx.paths.checkpoints / "mixed.safetensors").exists()
+
+
+def test_sdxl_lora_from_the_prompt_changes_the_picture_and_is_undone(family_ctx):
+    from tests.test_lora import XL_NAMES, kohya_tensors
+
+    model = family_ctx.models.get("xl")
+    names = ["lora_te2_text_model_encoder_layers_0_self_attn_q_proj", "lora_unet_add_embedding_linear_1",
+             "lora_te1_text_model_encoder_layers_0_self_attn_q_proj"]
+    path = family_ctx.paths.lora / "xlstyle.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(kohya_tensors(model, names, table=XL_NAMES), path)
+    before = {k: (v.clone(), v.data_ptr()) for k, v in model.state_dict().items()}
+    plain = txt2img(family_ctx, "xl")
+    styled = txt2img(family_ctx, "xl", prompt="a red circle <lora:xlstyle:1>")
+    unstyled = txt2img(family_ctx, "xl", prompt="a red circle <lora:xlstyle:0>")
+    assert np.abs(pixels(styled.images[0]) - pixels(unstyled.images[0])).max() > 0
+    assert "Lora hashes: \"xlstyle:" in styled.infotexts[0]
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) and after[k].data_ptr() == ptr for k, (v, ptr) in before.items())
+    assert np.array_equal(pixels(txt2img(family_ctx, "xl").images[0]), pixels(plain.images[0]))
+    path.unlink()
+
+
+def test_api_txt2img_with_a_refiner_and_the_model_list(family_ctx):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from modules.api import routes
+
+    app = FastAPI()
+    routes.install(app, family_ctx)
+    client = TestClient(app)
+    body = {"prompt": "a castle", "steps": 4, "width": 64, "height": 64, "seed": 5, "sampler_name": "Euler",
+            "override_settings": {"sd_model_checkpoint": "xl"}, "refiner_checkpoint": "xl-refiner", "refiner_switch_at": 0.75}
+    r = client.post("/sdapi/v1/txt2img", json=body)
+    assert r.status_code == 200, r.text
+    assert "Refiner: xl-refiner [" in json.loads(r.json()["info"])["infotexts"][0]
+    assert "Refiner switch at: 0.75" in json.loads(r.json()["info"])["infotexts"][0]
+    missing = client.post("/sdapi/v1/txt2img", json={**body, "refiner_checkpoint": "nowhere"})
+    assert missing.status_code in (404, 422) and "nowhere" in missing.text
+    bad = client.post("/sdapi/v1/txt2img", json={**body, "refiner_switch_at": 0})
+    assert bad.status_code == 422 and "refiner_switch_at" in bad.text
+    models = {m["model_name"]: m for m in client.get("/sdapi/v1/sd-models").json()}
+    assert models["sd2"]["config"].endswith("sd2.yaml") and models["xl"]["config"] is None

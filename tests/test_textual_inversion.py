@@ -9,7 +9,7 @@ from PIL import Image
 from modules.prompting.tokenizer import tokenize
 from modules.service.jobs import Job
 from modules.training import textual_inversion as ti
-from tests.tiny import tiny_sd_model
+from tests.tiny import tiny_family_model, tiny_sd_model
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +109,24 @@ def test_training_changes_only_the_embedding(tmp_path, model, dataset):
     assert result.loss is not None and result.loss > 0
     copies = sorted(p.name for p in (tmp_path / "log").rglob("*.pt"))
     assert copies == ["zork-2.pt", "zork-4.pt"]
+
+
+def test_training_works_on_sd2s_openclip_encoder(tmp_path, dataset):
+    model = tiny_family_model("SD2", seed=5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    path = ti.create_embedding(model, tmp_path, "zork", init_text="thing", vectors=2)
+    start, _ = ti.read_embedding(path)
+    assert start.shape == (2, model.text_width)
+    result = ti.train_embedding(model, _options(dataset, steps=3, save_every=0), embeddings_dir=tmp_path,
+                                log_dir=tmp_path / "log")
+    after, step = ti.read_embedding(path)
+    assert (result.step, step) == (3, 3) and not torch.allclose(after, start)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_vectors_slots_are_not_read_as_the_end_of_the_text():
+    row, slots = ti.prompt_row("a [name] here", "", 3)
+    assert all(row[s] != 49407 for s in slots) and row.index(49407) > max(slots)
 
 
 def test_schedule_end_stops_training_and_resume_continues(tmp_path, model, dataset):

@@ -82,9 +82,8 @@ def tiny_family_spec(family: str, inpainting: bool = False, **overrides) -> Mode
     unet = dict(TINY_UNET, in_channels=9 if inpainting else 4, **sizes["unet"])
     if layout.head_channels != -1:
         unet.update(num_head_channels=8)
-    text = tuple(TextEncoderSpec(prefix, kind, dict(size) | settings, name, pooled=kind == "openclip" and layout.vector is not None)
-                 for (prefix, kind, name, settings), size in zip(layout.encoders, sizes["text"]))
-    spec = ModelSpec(family=f"{family} inpainting" if inpainting else family, unet=unet, vae=dict(TINY_VAE), text=text,
+    spec = ModelSpec(family=f"{family} inpainting" if inpainting else family, unet=unet, vae=dict(TINY_VAE),
+                     text=layout.text_specs(sizes["text"]),
                      prediction=layout.prediction, scale_factor=layout.scale_factor, resolution=64, vector=layout.vector)
     return dataclasses.replace(spec, **overrides)
 

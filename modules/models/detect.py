@@ -16,7 +16,7 @@ model spec's `modelspec.prediction_type`), and last the family's default in `LAY
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -98,6 +98,13 @@ class Layout:
     resolution: int
     scale_factor: float = SD1_SCALE_FACTOR
     vector: str | None = None
+
+    def text_specs(self, sizes: Sequence[dict[str, Any]]) -> tuple[TextEncoderSpec, ...]:
+        """The text encoders with these sizes (one dict per encoder) and the family's settings;
+        the OpenCLIP encoder of a family with a vector input gives it its pooled text."""
+        pooled = self.vector is not None
+        return tuple(TextEncoderSpec(prefix, kind, dict(size) | settings, name, pooled=pooled and kind == "openclip")
+                     for (prefix, kind, name, settings), size in zip(self.encoders, sizes, strict=True))
 
     @property
     def heads(self) -> dict[str, int]:
@@ -297,9 +304,7 @@ def _supported(layout: Layout) -> Callable[[Shapes, Mapping[str, str], Mapping],
             prediction = "v"
         else:
             prediction = _metadata_prediction(metadata) or defaults.get("prediction", layout.prediction)
-        text = tuple(TextEncoderSpec(prefix, kind, _size_reader(kind)(shapes, prefix) | settings, name,
-                                     pooled=kind == "openclip" and layout.vector is not None)
-                     for prefix, kind, name, settings in layout.encoders)
+        text = layout.text_specs([_size_reader(kind)(shapes, prefix) for prefix, kind, _name, _settings in layout.encoders])
         return ModelSpec(
             family=family,
             unet=unet,
@@ -307,7 +312,8 @@ def _supported(layout: Layout) -> Callable[[Shapes, Mapping[str, str], Mapping],
             text=text,
             prediction=overrides.get("prediction", prediction),
             scale_factor=overrides.get("scale_factor", _number(metadata, "scale_factor", float, layout.scale_factor)),
-            resolution=overrides.get("resolution", _number(metadata, "resolution", int, defaults.get("resolution", layout.resolution))),
+            resolution=overrides.get("resolution",
+                                     _number(metadata, "resolution", int, defaults.get("resolution", layout.resolution))),
             vector=layout.vector,
             ztsnr="ztsnr" in shapes,
         )
@@ -321,10 +327,9 @@ def full_size_spec(family: str, inpainting: bool = False) -> ModelSpec:
     sizes = FULL_SIZES[family]
     layout = LAYOUTS[family]
     unet = dict(sizes["unet"], in_channels=9 if inpainting else 4) | layout.heads
-    text = tuple(TextEncoderSpec(prefix, kind, dict(size) | settings, name, pooled=kind == "openclip" and layout.vector is not None)
-                 for (prefix, kind, name, settings), size in zip(layout.encoders, sizes["text"]))
-    spec = ModelSpec(family=family, unet=unet, vae=dict(SD_VAE), text=text, prediction=layout.prediction,
-                     scale_factor=layout.scale_factor, resolution=layout.resolution, vector=layout.vector)
+    spec = ModelSpec(family=family, unet=unet, vae=dict(SD_VAE), text=layout.text_specs(sizes["text"]),
+                     prediction=layout.prediction, scale_factor=layout.scale_factor, resolution=layout.resolution,
+                     vector=layout.vector)
     if inpainting:
         spec = replace(spec, family=f"{family} inpainting", **INPAINTING_DEFAULTS.get(family, {}))
     return spec

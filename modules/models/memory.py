@@ -7,6 +7,7 @@ public hook API), so the model code knows nothing about where its weights live.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,8 @@ import torch
 
 from modules.app.config import Flags, Paths
 from modules.models import loader
+
+log = logging.getLogger(__name__)
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 VAE_SUFFIXES = (".safetensors", ".ckpt", ".pt")
@@ -163,6 +166,9 @@ class ModelManager:
                     model = self._slots[other][1]
                 else:
                     model = loader.load_checkpoint(info.path, vae_path=vae)
+                    spec = model.spec
+                    log.info("Loaded %s: %s, predicts %s, %d px%s", info.title, spec.family, spec.prediction,
+                             spec.resolution, ", zero-terminal-SNR schedule" if spec.ztsnr else "")
                     self._place(model)
                     model.checkpoint = info
                     model.vae_file = vae

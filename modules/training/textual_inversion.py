@@ -36,7 +36,7 @@ from modules.generation.request import GenerationRequest
 from modules.images import storage
 from modules.models.sd_model import diffusion_target, noised
 from modules.networks import embeddings
-from modules.prompting.conditioning import CHUNK_TOKENS, PAD_ID
+from modules.prompting.conditioning import CHUNK_TOKENS, PAD_ID, PLACEHOLDER_ID
 from modules.prompting.tokenizer import BOS_ID, EOS_ID, tokenize
 from modules.service.jobs import Job
 from modules.training import ti_dataset
@@ -141,7 +141,7 @@ def prompt_row(template: str, words: str, vectors: int) -> tuple[list[int], list
     for i, piece in enumerate(pieces):
         if i:
             slots.extend(range(len(ids) + 1, len(ids) + 1 + vectors))
-            ids.extend([PAD_ID] * vectors)
+            ids.extend([PLACEHOLDER_ID] * vectors)  # never the end token, which OpenCLIP pools at
         ids.extend(piece)
     ids = ids[:CHUNK_TOKENS]
     slots = [s for s in slots if s <= CHUNK_TOKENS]
