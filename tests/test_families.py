@@ -383,3 +383,18 @@ def test_api_txt2img_with_a_refiner_and_the_model_list(family_ctx):
     assert bad.status_code == 422 and "refiner_switch_at" in bad.text
     models = {m["model_name"]: m for m in client.get("/sdapi/v1/sd-models").json()}
     assert models["sd2"]["config"].endswith("sd2.yaml") and models["xl"]["config"] is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_sdxl_with_its_refiner_in_half_precision_and_the_low_vram_modes(family_ctx):
+    root = family_ctx.paths.root
+    pictures = {}
+    for mode in ("default", "medvram", "lowvram"):
+        flags = Flags(data_dir=root, device="cuda", medvram=mode == "medvram", lowvram=mode == "lowvram")
+        ctx = AppContext.create(flags)
+        result = txt2img(ctx, "xl", refiner_checkpoint="xl-refiner", refiner_switch_at=0.5)
+        assert ctx.models.get("xl").model.diffusion_model.time_embed[0].weight.dtype == torch.float16
+        pictures[mode] = pixels(result.images[0])
+    assert np.abs(pictures["medvram"] - pictures["default"]).max() <= 2
+    assert np.abs(pictures["lowvram"] - pictures["default"]).max() <= 2
