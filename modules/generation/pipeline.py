@@ -71,12 +71,17 @@ class Refiner:
 
 def check_refiner(sd_model, refiner_model) -> None:
     """RequestError unless the refiner can go on from the main model's latents."""
-    name = refiner_model.checkpoint.name if hasattr(refiner_model, "checkpoint") else "the refiner"
+    name = refiner_model.checkpoint.name
     if refiner_model.scale_factor != sd_model.scale_factor or refiner_model.latent_channels != sd_model.latent_channels:
         raise RequestError(f"the refiner {name} ({refiner_model.spec.family}) works in another latent space than "
                            f"the checkpoint ({sd_model.spec.family}); choose a refiner of the same family")
     if refiner_model.concat_channels and refiner_model.concat_channels != sd_model.concat_channels:
         raise RequestError(f"the refiner {name} is an inpainting model; use it with an inpainting checkpoint")
+
+
+def _counting_on(callback: Callable[[dict], None], before: int) -> Callable[[dict], None]:
+    """The callback of a stage that starts after `before` steps of the pass."""
+    return lambda d: callback({**d, "i": d["i"] + before})
 
 
 def sample_latents(sd_model, request: GenerationRequest, seeds: list[int], *, device=None,
@@ -124,7 +129,7 @@ def sample_latents(sd_model, request: GenerationRequest, seeds: list[int], *, de
             image_conditioning = img2img.inpaint_conditioning(sd_model, grey, None, 1.0, len(seeds))
 
     done = 0
-    for model, model_denoiser_, model_embeddings, model_using, levels in stages:
+    for model, stage_denoiser, model_embeddings, model_using, levels in stages:
         # 3. Text -> conditioning, one schedule per image (prompt editing switches at steps); the
         #    prompt's <lora:...> tags are not text, embeddings' vectors go where their names stand.
         prompt = strip_extra_networks(request.prompt)
@@ -140,9 +145,9 @@ def sample_latents(sd_model, request: GenerationRequest, seeds: list[int], *, de
             extra_args["c_concat"] = image_conditioning
 
         # 5. Sampling; the callback reports progress and is where interrupt/skip take effect.
-        guided = CFGDenoiser(model_denoiser_)
-        guided.step = done
-        on_step = callback if not done or callback is None else (lambda d, before=done: callback({**d, "i": d["i"] + before}))
+        guided = CFGDenoiser(stage_denoiser)
+        guided.step = done  # prompt editing counts the pass's steps, whichever model runs them
+        on_step = _counting_on(callback, done) if done and callback is not None else callback
         with model_using("unet"), torch.no_grad():
             x = run_sampler(
                 sampler, guided, x, levels, extra_args=extra_args,
