@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 
 from modules.app.fileio import atomic_write_json
 from modules.models import detect
+from modules.models import safetensors_stream as st
 from modules.models.sd_model import SDModel, build_model, scaled_linear_alphas_cumprod
 
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -70,11 +71,17 @@ def read_state_dict(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    # Each tensor's pages of the file are given back when it is freed, so casting the loaded
+    # model sheds the file tensor by tensor: the peak is the cast model, not it plus the file.
+    # The safetensors package, whose mapping stays whole, where that cannot be done (Windows).
     try:
+        if st.MAPPABLE:
+            with st.Reader(path) as reader:
+                return {k: reader.map(k) for k in reader.entries}, reader.metadata
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
             return {k: f.get_tensor(k) for k in f.keys()}, metadata
-    except (SafetensorError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:  # st.FormatError is a ValueError
         raise CheckpointError(f"{path.name}: not a readable .safetensors file ({e})") from e
 
 

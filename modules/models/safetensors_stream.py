@@ -6,15 +6,19 @@ N bytes of JSON mapping each tensor's name to {"dtype", "shape", "data_offsets":
 each tensor's bytes little-endian and C-contiguous, with no gaps.
 
 The safetensors package reads by memory-mapping the whole file, so every tensor read stays
-resident until the file is closed, and it writes from a dict that holds every tensor at once.
-Merging checkpoints needs neither: here a tensor is read into its own buffer and freed when
-dropped, and a file is written from a header planned up front and then one tensor at a time.
+resident until the last of them is freed, and it writes from a dict that holds every tensor at
+once. Here a tensor is either read into its own buffer (`Reader.get`) or mapped
+(`Reader.map`), and either way its memory is given back when it is dropped; a file is written
+from a header planned up front and then one tensor at a time.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
+import mmap
+import os
 import struct
 import sys
 from collections.abc import Callable, Iterable, Mapping
@@ -22,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+import numpy
 import torch
 
 DTYPES: dict[str, torch.dtype] = {
@@ -50,6 +55,83 @@ if sys.byteorder != "little":  # tensors are written and read as raw little-endi
     raise ImportError("modules.models.safetensors_stream needs a little-endian machine")
 
 
+def _libc_mapping():
+    """libc's mmap, munmap and madvise, or None where they cannot be called this way (Windows,
+    32-bit builds whose off_t may be narrower). Python's mmap module cannot give back part of a
+    mapping, which is what lets a model cast tensor by tensor shed the file as it goes."""
+    if os.name != "posix" or sys.maxsize <= 2**32 or not hasattr(mmap, "MADV_DONTNEED"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        map_, unmap, advise = libc.mmap, libc.munmap, libc.madvise
+    except (OSError, AttributeError):
+        return None
+    map_.restype = ctypes.c_void_p
+    map_.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int64)
+    unmap.restype = advise.restype = ctypes.c_int
+    unmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    advise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return map_, unmap, advise
+
+
+_LIBC = _libc_mapping()
+MAPPABLE = _LIBC is not None  # whether Reader.map works here
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+class _FileMapping:
+    """A private (copy-on-write) mapping of a whole file, unmapped when the last _Part of it is
+    freed. One mapping rather than one per tensor: the kernel places it so that the page cache's
+    large folios can be mapped whole, which makes reading it faster."""
+
+    # The libc calls are kept here so that parts freed at interpreter exit, when this module's
+    # globals may already be gone, still find them.
+    __slots__ = ("address", "length", "_unmap", "_advise")
+    _PAGE = mmap.PAGESIZE
+    _DONTNEED = getattr(mmap, "MADV_DONTNEED", 0)
+
+    def __init__(self, fd: int, length: int):
+        self.address = None
+        map_, self._unmap, self._advise = _LIBC
+        address = map_(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, 0)
+        if address in (None, _MAP_FAILED):
+            error = ctypes.get_errno()
+            raise OSError(error, os.strerror(error))
+        self.address, self.length = address, length
+
+    def release(self, address: int, length: int) -> None:
+        """Drops the pages lying wholly inside [address, address + length) from the process;
+        touching them again would read them from the file anew."""
+        first = -(-address // self._PAGE) * self._PAGE
+        last = (address + length) // self._PAGE * self._PAGE
+        if last > first:
+            self._advise(first, last - first, self._DONTNEED)
+
+    def __del__(self) -> None:
+        if self.address is not None:
+            self._unmap(self.address, self.length)
+
+
+class _Part:
+    """One tensor's bytes in a _FileMapping, exposed to numpy; their pages are released when the
+    last array over them is freed (a page shared with a neighbour stays until the whole mapping
+    goes)."""
+
+    # No per-instance dict: a model has thousands of these, and every object counts towards
+    # Python's next full garbage collection.
+    __slots__ = ("_mapping", "_address", "_length")
+
+    def __init__(self, mapping: _FileMapping, offset: int, length: int):
+        self._mapping, self._address, self._length = mapping, mapping.address + offset, length
+
+    @property
+    def __array_interface__(self) -> dict:
+        return {"version": 3, "shape": (self._length,), "typestr": "|u1", "data": (self._address, False)}
+
+    def __del__(self) -> None:
+        self._mapping.release(self._address, self._length)
+
+
 class FormatError(ValueError):
     """A file that is not valid .safetensors; the message says what is wrong."""
 
@@ -74,10 +156,12 @@ class Reader:
         self.path = Path(path)
         self._file = open(self.path, "rb")
         try:
-            self.entries, self.metadata, self._data_start = _read_header(self._file, self.path.stat().st_size)
+            self._size = self.path.stat().st_size
+            self.entries, self.metadata, self._data_start = _read_header(self._file, self._size)
         except BaseException:
             self._file.close()
             raise
+        self._mapping: _FileMapping | None = None  # made by the first `map`
 
     def __enter__(self) -> "Reader":
         return self
@@ -87,6 +171,7 @@ class Reader:
 
     def close(self) -> None:
         self._file.close()
+        self._mapping = None  # mapped tensors keep it as long as they need it
 
     def get(self, key: str) -> torch.Tensor:
         """A fresh tensor (its own memory, nothing mapped) holding `key`'s data."""
@@ -98,6 +183,23 @@ class Reader:
         if self._file.readinto(buffer) != entry.nbytes:
             raise FormatError(f"{self.path.name}: the file ends inside tensor {key!r}")
         return torch.frombuffer(buffer, dtype=torch.uint8).view(entry.dtype).reshape(entry.shape)
+
+    def map(self, key: str) -> torch.Tensor:
+        """`key`'s tensor over a private mapping of the file (see MAPPABLE): its bytes are read
+        from the page cache only when used, writes to it stay in this process, and its pages are
+        given back when the tensor (and every view of it) is freed. So a model cast tensor by
+        tensor to another dtype sheds the file as it goes, where the safetensors package's
+        mapping keeps every page it has read until the last tensor is freed. Map a key once:
+        freeing one of two tensors over the same bytes would drop the other's private writes."""
+        entry = self.entries[key]
+        if entry.nbytes == 0:
+            return torch.empty(entry.shape, dtype=entry.dtype)
+        if self._mapping is None:
+            if not MAPPABLE:
+                raise OSError("tensors cannot be mapped on this platform; use Reader.get")
+            self._mapping = _FileMapping(self._file.fileno(), self._size)
+        part = _Part(self._mapping, self._data_start + entry.begin, entry.nbytes)
+        return torch.from_numpy(numpy.asarray(part)).view(entry.dtype).reshape(entry.shape)
 
 
 def _read_header(file: IO[bytes], size: int) -> tuple[dict[str, Entry], dict[str, str], int]:
