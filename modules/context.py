@@ -32,7 +32,7 @@ class AppContext:
             folder.mkdir(parents=True, exist_ok=True)
         settings = load_settings(paths.settings_file)
         models = ModelManager(paths, DevicePolicy.from_flags(flags), selected=flags.ckpt or settings.sd_model_checkpoint)
-        upscalers = Upscalers(paths.models, models.policy.device, models.policy.dtype)
+        upscalers = Upscalers(paths.models, models.policy.device, models.policy.upscaler_dtype)
         return cls(
             flags=flags, paths=paths, settings=settings, models=models,
             embeddings=EmbeddingDatabase(paths.embeddings, paths.hash_cache),

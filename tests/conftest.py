@@ -58,7 +58,8 @@ def live_server(tiny_data_dir):
 @pytest.fixture(scope="session")
 def builtin_ctx(tmp_path_factory):
     """An AppContext whose only checkpoint is the shipped built-in model (64 px, draws coloured
-    shapes), for tests that need pictures that mean something."""
+    shapes), for tests that need pictures that mean something; in float32, so that pictures
+    compared bit for bit do not depend on whether the processor computes bfloat16."""
     import shutil
     from pathlib import Path
 
@@ -70,4 +71,4 @@ def builtin_ctx(tmp_path_factory):
     folder.mkdir(parents=True)
     shipped = Path(__file__).resolve().parent.parent / "models" / "Stable-diffusion" / "builtin-shapes.safetensors"
     shutil.copyfile(shipped, folder / shipped.name)
-    return AppContext.create(Flags(data_dir=root, device="cpu"))
+    return AppContext.create(Flags(data_dir=root, device="cpu", precision="fp32"))

@@ -148,7 +148,8 @@ def save_checkpoint(model, path: Path, dtype=torch.float32, extra: dict | None =
 
 @pytest.fixture(scope="module")
 def family_ctx(tmp_path_factory):
-    """A data folder with tiny SDXL base, SDXL inpainting, SDXL refiner and SD 2.x checkpoints."""
+    """A data folder with tiny SDXL base, SDXL inpainting, SDXL refiner and SD 2.x checkpoints, run
+    in float32 so that outputs can be compared with computations of their own."""
     root = tmp_path_factory.mktemp("families")
     folder = root / "models" / "Stable-diffusion"
     folder.mkdir(parents=True)
@@ -160,7 +161,7 @@ def family_ctx(tmp_path_factory):
     save_checkpoint(tiny_family_model("SDXL refiner", seed=3), folder / "xl-refiner.safetensors")
     save_checkpoint(tiny_family_model("SD2", seed=4), folder / "sd2.safetensors")
     (folder / "sd2.yaml").write_text("model:\n  params:\n    parameterization: eps\n")
-    return AppContext.create(Flags(data_dir=root, device="cpu"))
+    return AppContext.create(Flags(data_dir=root, device="cpu", precision="fp32"))
 
 
 def pixels(image: Image.Image) -> np.ndarray:

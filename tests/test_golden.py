@@ -116,7 +116,7 @@ def write_references() -> None:
     shipped = ROOT / "models" / "Stable-diffusion" / "builtin-shapes.safetensors"
     (data / "models" / "Stable-diffusion").mkdir(parents=True)
     shutil.copyfile(shipped, data / "models" / "Stable-diffusion" / shipped.name)
-    ctx = AppContext.create(Flags(data_dir=data, device="cpu"))
+    ctx = AppContext.create(Flags(data_dir=data, device="cpu", precision="fp32"))
     GOLDEN.mkdir(exist_ok=True)
     for old in GOLDEN.glob("*.png"):
         old.unlink()

@@ -20,6 +20,7 @@ class Flags:
     data_dir: Path = ROOT
     ckpt: str | None = None
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (see modules/models/memory.py's PRECISION_RULES)
     no_half: bool = False
     no_half_vae: bool = False
     medvram: bool = False
@@ -35,8 +36,10 @@ def parse_flags(argv: list[str] | None = None) -> Flags:
     p.add_argument("--data-dir", type=Path, default=ROOT, help="where models/, embeddings/, outputs/ and settings live")
     p.add_argument("--ckpt", help="checkpoint to select at start (file name in models/Stable-diffusion)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--no-half", action="store_true", help="keep the model in float32 on the GPU")
-    p.add_argument("--no-half-vae", action="store_true", help="keep the VAE in float32 on the GPU")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                   help="the weights' precision; auto: fp16 on a GPU, bf16 on a CPU that computes it fast, else fp32")
+    p.add_argument("--no-half", action="store_true", help="float32 everywhere, whatever --precision says")
+    p.add_argument("--no-half-vae", action="store_true", help="keep the VAE in float32")
     p.add_argument("--medvram", action="store_true", help="keep only the part in use on the GPU")
     p.add_argument("--lowvram", action="store_true", help="move the UNet to the GPU block by block")
     p.add_argument("--nowebui-api-off", dest="api", action="store_false", help="do not serve /sdapi/v1")
@@ -48,6 +51,7 @@ def parse_flags(argv: list[str] | None = None) -> Flags:
         data_dir=a.data_dir.resolve(),
         ckpt=a.ckpt,
         device=a.device,
+        precision=a.precision,
         no_half=a.no_half,
         no_half_vae=a.no_half_vae,
         medvram=a.medvram,

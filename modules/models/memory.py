@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,33 +42,75 @@ class CheckpointInfo:
         return path if path.is_file() else None
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this processor computes bfloat16 in hardware (AVX-512 BF16 or AMX), where PyTorch's
+    bfloat16 matrix products and convolutions run about three times as fast as float32's."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # a torch without these probes: read the processor's flags
+        try:
+            flags = Path("/proc/cpuinfo").read_text().split()
+        except OSError:
+            return False
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+# The precision policy, first matching rule wins: (applies to (flags, on a GPU, fast bfloat16 on
+# this CPU), the precision (None: the one --precision names), why).
+PRECISION_RULES: tuple[tuple[Callable[[Flags, bool, bool], bool], str | None, str], ...] = (
+    (lambda flags, gpu, bf16: flags.no_half, "fp32", "--no-half"),
+    (lambda flags, gpu, bf16: flags.precision != "auto", None, "--precision"),
+    (lambda flags, gpu, bf16: gpu, "fp16", "a CUDA GPU computes float16 fast"),
+    (lambda flags, gpu, bf16: bf16, "bf16", "this CPU computes bfloat16 in hardware (AVX-512 BF16 or AMX)"),
+    (lambda flags, gpu, bf16: True, "fp32", "this CPU has no bfloat16 instructions (AVX-512 BF16 or AMX)"),
+)
+
+
 @dataclass(frozen=True)
 class DevicePolicy:
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # the UNet's and the text encoders'
     vae_dtype: torch.dtype
     offload: str  # "none" | "medvram" | "lowvram"
+    reason: str = ""  # why this precision, for the console and the Settings tab
 
     @classmethod
-    def from_flags(cls, flags: Flags) -> "DevicePolicy":
+    def from_flags(cls, flags: Flags, fast_bf16: Callable[[], bool] = cpu_has_fast_bf16) -> "DevicePolicy":
         name = flags.device
         if name == "auto":
             name = "cuda" if torch.cuda.is_available() else "cpu"
         device = torch.device(name)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise SystemExit(f"--device {flags.device}: no CUDA device is available on this machine")
+        if flags.precision != "auto" and flags.precision not in DTYPES:
+            raise SystemExit(f"--precision {flags.precision}: choose auto, {', '.join(DTYPES)}")
         on_gpu = device.type == "cuda"
-        dtype = torch.float16 if on_gpu and not flags.no_half else torch.float32
-        vae_dtype = torch.float16 if on_gpu and not (flags.no_half or flags.no_half_vae) else torch.float32
+        bf16 = not on_gpu and fast_bf16()
+        precision, why = next((p or flags.precision, why) for rule, p, why in PRECISION_RULES if rule(flags, on_gpu, bf16))
+        dtype = DTYPES[precision]
+        vae_dtype = torch.float32 if flags.no_half_vae else dtype
         offload = "lowvram" if flags.lowvram and on_gpu else "medvram" if flags.medvram and on_gpu else "none"
-        return cls(device, dtype, vae_dtype, offload)
+        vae = " (VAE float32: --no-half-vae)" if flags.no_half_vae and dtype != torch.float32 else ""
+        return cls(device, dtype, vae_dtype, offload, f"{str(dtype).removeprefix('torch.')} on {device}{vae}: {why}")
+
+    @property
+    def upscaler_dtype(self) -> torch.dtype:
+        """Upscaler networks run in half precision on a GPU only: not all of them are made for
+        bfloat16, and on a CPU they are a small part of the time."""
+        return self.dtype if self.device.type == "cuda" else torch.float32
 
 
 def place(model, policy: DevicePolicy):
     """Puts a freshly loaded model in the policy's precision, and on its device unless offloading
     keeps it on the CPU. Files keep the dtype they were saved in (the built-in model is fp16),
-    and fp16 convolutions on a CPU are many times slower than fp32."""
-    model.to(dtype=policy.dtype)
+    whatever the machine computes fast."""
+    # The networks only: the noise schedule (alphas_cumprod) stays float32, since its values near
+    # 1 round to 1 in bfloat16 and the lowest noise levels would become 0.
+    model.model.to(dtype=policy.dtype)
+    model.text_model.to(dtype=policy.dtype)
     model.first_stage_model.to(dtype=policy.vae_dtype)
     if policy.offload == "none":
         model.to(policy.device)
@@ -89,6 +132,7 @@ class ModelManager:
         self.paths = paths
         self.policy = policy
         self.selected = selected
+        log.info("Precision: %s", policy.reason)
         # "main" and "refiner" -> (what was loaded: path, file version, VAE file; the SDModel)
         self._slots: dict[str, tuple[tuple, object]] = {}
         self._lock = threading.Lock()

@@ -7,6 +7,8 @@ import gradio as gr
 
 def build(ctx) -> None:
     s = ctx.settings
+    gr.Markdown(f"**Precision:** {ctx.models.policy.reason}. Chosen at start (`--precision`, `--no-half`, "
+                f"`--no-half-vae`).", elem_id="settings_precision")
     vae = gr.Dropdown(
         ["Automatic", "None", *(p.name for p in ctx.models.vaes())], value=s.sd_vae, label="SD VAE", elem_id="setting_sd_vae",
         info="Automatic: a VAE named like the checkpoint, else the checkpoint's own. Files go in models/VAE.",
