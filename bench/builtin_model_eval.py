@@ -52,13 +52,14 @@ def to_pixels(images: torch.Tensor) -> np.ndarray:
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-def load_model(path: Path):
-    """The checkpoint in the precision and on the device the web UI would use."""
+def load_model(path: Path, precision: str = "auto"):
+    """The checkpoint in the precision (--precision's choices) and on the device the web UI
+    would use."""
     from modules.app.config import Flags
     from modules.models.loader import load_checkpoint
     from modules.models.memory import DevicePolicy, place
 
-    return place(load_checkpoint(path), DevicePolicy.from_flags(Flags()))
+    return place(load_checkpoint(path), DevicePolicy.from_flags(Flags(precision=precision)))
 
 
 def generate(sd_model, prompt: str, seed: int, *, steps: int = 20, size: int | None = None,
@@ -239,6 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--cfg-scale", type=float, default=None, help="default: the web UI's")
     p.add_argument("--sampler", default=None, help="default: the web UI's")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="as the web UI's --precision (auto: bfloat16 on a CPU that has its instructions)")
     p.add_argument("--autoencoder", action="store_true", help="also score VAE round trips of true pictures")
     p.add_argument("--inpaint", action="store_true", help="also score inpainting a box with the held-out scenes")
     p.add_argument("--grid", type=Path, help="save the generated pictures as one PNG grid here")
@@ -248,13 +251,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    sd_model = load_model(args.model)
+    sd_model = load_model(args.model, args.precision)
     request = GenerationRequest()
     request = request.replace(**{k: v for k, v in (("cfg_scale", args.cfg_scale), ("sampler_name", args.sampler))
                                  if v is not None})
     print(f"{args.model}: {sd_model.spec.resolution} px, {args.n} held-out prompts, {args.steps} steps, "
           f"{request.sampler_name} / {request.scheduler}, CFG {request.cfg_scale}, "
-          f"{torch.get_num_threads()} threads")
+          f"{torch.get_num_threads()} threads, {str(sd_model.model.diffusion_model.time_embed[0].weight.dtype)[6:]}")
     if args.autoencoder:
         scenes = [s for seed in args.seeds for s in shapes_dataset.held_out_scenes(args.n, seed)]
         truth = np.stack([shapes_dataset.render(s, sd_model.spec.resolution) for s in scenes])
