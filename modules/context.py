@@ -27,7 +27,7 @@ class AppContext:
 
     @classmethod
     def create(cls, flags: Flags) -> "AppContext":
-        paths = Paths(flags.data_dir)
+        paths = Paths(flags.data_dir, flags.allowed_paths)
         for folder in (paths.checkpoints, paths.vae, paths.lora, paths.esrgan, paths.embeddings, paths.outputs):
             folder.mkdir(parents=True, exist_ok=True)
         settings = load_settings(paths.settings_file)

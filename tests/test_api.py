@@ -101,7 +101,7 @@ def test_png_info_reads_back_what_we_wrote(server):
 
 
 def test_create_and_train_an_embedding(server, tiny_data_dir, tmp_path):
-    pictures = tmp_path / "pictures"
+    pictures = tiny_data_dir / "training-pictures"  # a dataset must lie in the data folder
     pictures.mkdir()
     for i in range(2):
         Image.new("RGB", (64, 64), (30, 200, 40 * i)).save(pictures / f"{i}.png")
@@ -117,3 +117,5 @@ def test_create_and_train_an_embedding(server, tiny_data_dir, tmp_path):
     assert "step: 3 " in r.json()["info"]
     bad = httpx.post(f"{server}/sdapi/v1/train/embedding", json={**body, "learn_rate": "fast"}, timeout=60)
     assert bad.status_code == 422 and "'fast' is not a learning rate" in bad.text
+    outside = httpx.post(f"{server}/sdapi/v1/train/embedding", json={**body, "data_root": str(tmp_path)}, timeout=60)
+    assert outside.status_code == 422 and str(tiny_data_dir.resolve()) in outside.json()["detail"]

@@ -102,7 +102,7 @@ def test_directory_batch_reads_the_pictures_and_names_the_rest(ctx, tmp_path):
     picture(seed=2).convert("RGB").save(folder / "two.jpg")
     (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
     (folder / "notes.txt").write_text("not a picture")
-    inputs, problems = extras.directory_inputs(folder)
+    inputs, problems = extras.directory_inputs(ctx.paths, folder)
     assert [i.name for i in inputs] == ["one", "two"]
     assert len(problems) == 1 and "broken.png" in problems[0]
     out = tmp_path / "out"
@@ -110,9 +110,9 @@ def test_directory_batch_reads_the_pictures_and_names_the_rest(ctx, tmp_path):
     assert [p.name for p in result.paths] == ["00000-one.png", "00001-two.png"]
     assert [Image.open(p).size for p in result.paths] == [(96, 48), (96, 48)]
     with pytest.raises(ExtrasError, match="does not exist"):
-        extras.directory_inputs(tmp_path / "missing")
+        extras.directory_inputs(ctx.paths, tmp_path / "missing")
     with pytest.raises(ExtrasError, match="no pictures"):
-        extras.directory_inputs(out.parent / "models")
+        extras.directory_inputs(ctx.paths, out.parent / "models")
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,10 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
+import tempfile
 from datetime import date
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -110,8 +113,14 @@ def test_every_resize_mode_gives_the_asked_size(builtin_ctx, mode):
     assert out.size == (64, 80)
 
 
-def test_folder_batch_names_results_after_the_pictures(builtin_ctx, tmp_path):
-    source, target = tmp_path / "in", tmp_path / "out"
+@pytest.fixture
+def batch_dir(builtin_ctx):
+    """A fresh folder in the data folder, where batch folders must lie."""
+    return Path(tempfile.mkdtemp(dir=builtin_ctx.paths.root))
+
+
+def test_folder_batch_names_results_after_the_pictures(builtin_ctx, batch_dir):
+    source, target = batch_dir / "in", batch_dir / "out"
     source.mkdir()
     scene(background="green").save(source / "first.png")
     scene(background="red", colour="blue").convert("RGBA").save(source / "second.png")
@@ -130,11 +139,24 @@ def test_folder_batch_names_results_after_the_pictures(builtin_ctx, tmp_path):
     assert sorted(p.name for p in again.paths) == ["first-1.png", "second-1.png"]
 
 
-def test_folder_batch_refuses_what_is_not_a_folder(builtin_ctx, tmp_path):
+def test_folder_batch_refuses_what_is_not_a_folder(builtin_ctx, batch_dir):
     with pytest.raises(RequestError, match="is not a folder"):
-        img2img_batch.run_folder(builtin_ctx, request(init_images=()), tmp_path / "missing")
+        img2img_batch.run_folder(builtin_ctx, request(init_images=()), batch_dir / "missing")
     with pytest.raises(RequestError, match="holds no pictures"):
-        img2img_batch.run_folder(builtin_ctx, request(init_images=()), tmp_path)
+        img2img_batch.run_folder(builtin_ctx, request(init_images=()), batch_dir)
+
+
+def test_folder_batch_folders_must_lie_in_an_allowed_root(builtin_ctx, batch_dir, tmp_path):
+    (batch_dir / "in").mkdir()
+    scene().save(batch_dir / "in" / "one.png")
+    roots = re.escape(str(builtin_ctx.paths.root.resolve()))
+    base = request(init_images=(), steps=2)
+    for what, args in [("Input directory", (tmp_path,)),
+                       ("Inpaint batch mask directory", (batch_dir / "in", "", tmp_path)),
+                       ("Output directory", (batch_dir / "in", tmp_path))]:
+        with pytest.raises(RequestError, match=f"{what} .* outside .*{roots}"):
+            img2img_batch.run_folder(builtin_ctx, base, *args)
+    assert not list(tmp_path.iterdir())
 
 
 # ---- resize modes and pictures (pure) ----

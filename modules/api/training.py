@@ -59,6 +59,8 @@ def add_routes(router: APIRouter, ctx) -> None:
             options = ti.TrainingOptions(**{
                 **body.request_fields(), "dataset": Path(body.data_root), "template": templates[body.template_filename],
             }).validate()
+            # Refused here as well as in train_in_app, so that a folder outside waits for no queue.
+            ctx.paths.server_folder(body.data_root, "data_root")
             result = ctx.jobs.run(Job(description="train embedding (api)"), ti.train_in_app, ctx, options)
         except ValueError as e:
             raise HTTPException(422, str(e))

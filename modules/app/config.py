@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from modules.app.errors import RequestError
 from modules.app.fileio import atomic_write_json
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -27,6 +28,7 @@ class Flags:
     lowvram: bool = False
     api: bool = True
     threads: int | None = None
+    allowed_paths: tuple[Path, ...] = ()  # folders besides data_dir that requests may name (--allowed-path)
 
 
 def parse_flags(argv: list[str] | None = None) -> Flags:
@@ -44,7 +46,14 @@ def parse_flags(argv: list[str] | None = None) -> Flags:
     p.add_argument("--lowvram", action="store_true", help="move the UNet to the GPU block by block")
     p.add_argument("--nowebui-api-off", dest="api", action="store_false", help="do not serve /sdapi/v1")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--allowed-path", action="append", type=Path, default=[], metavar="DIR",
+                   help="a folder besides the data folder that batch, extras and training requests may read and write; repeatable")
     a = p.parse_args(argv)
+    allowed = []
+    for folder in a.allowed_path:
+        if not folder.expanduser().is_dir():
+            p.error(f"--allowed-path {folder}: no such folder")
+        allowed.append(folder.expanduser().resolve())
     return Flags(
         host="0.0.0.0" if a.listen else "127.0.0.1",
         port=a.port,
@@ -58,12 +67,37 @@ def parse_flags(argv: list[str] | None = None) -> Flags:
         lowvram=a.lowvram,
         api=a.api,
         threads=a.threads,
+        allowed_paths=tuple(allowed),
     )
 
 
 @dataclass(frozen=True)
 class Paths:
     root: Path
+    allowed: tuple[Path, ...] = ()  # further folders a request may name (--allowed-path)
+
+    @property
+    def allowed_roots(self) -> list[Path]:
+        """The folders a request may name, and anything under them: the data folder first."""
+        return list(dict.fromkeys(Path(p).expanduser().resolve() for p in (self.root, *self.allowed)))
+
+    def server_folder(self, text: str | Path, what: str) -> Path:
+        """The folder on this computer that a request names (batch input and output, a training
+        dataset), resolved, symlinks and '..' included, so that it cannot step out of the
+        allowed roots; a relative one is taken from the data folder. RequestError, naming the
+        allowed roots, if it lies outside them. Whether it exists is for the caller to say."""
+        given = str(text).strip()
+        try:
+            folder = (Path(self.root) / Path(given).expanduser()).resolve()
+        except (OSError, ValueError, RuntimeError) as e:  # a NUL byte, a symlink loop
+            raise RequestError(f"{what} {given!r} is not a usable path ({e})") from None
+        roots = self.allowed_roots
+        if not any(folder.is_relative_to(root) for root in roots):
+            raise RequestError(
+                f"{what} {given!r} is outside the folders this server lets requests use: "
+                f"{', '.join(map(str, roots))}. Use a folder under one of them, or start the server with --allowed-path"
+            )
+        return folder
 
     @property
     def checkpoints(self) -> Path:

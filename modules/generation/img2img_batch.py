@@ -32,9 +32,9 @@ def pictures_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _folder(text: str | Path, what: str) -> Path:
-    folder = Path(str(text).strip()).expanduser()
-    if not str(text).strip() or not folder.is_dir():
+def _folder(ctx: AppContext, text: str | Path, what: str) -> Path:
+    folder = ctx.paths.server_folder(text, what) if str(text).strip() else None
+    if folder is None or not folder.is_dir():
         raise RequestError(f"{what} {str(text)!r} is not a folder")
     return folder
 
@@ -53,11 +53,14 @@ def run_folder(ctx: AppContext, request: Img2ImgRequest, input_dir: str | Path, 
     """Every picture of `input_dir` through img2img with `request`'s settings. A picture's mask is
     the file of the same name (any picture suffix) in `mask_dir`, when one is given; otherwise the
     request's mask, if any, serves all. Results go to `output_dir` (default: the usual dated
-    img2img folder). Files that cannot be used are skipped and listed with the reason."""
+    img2img folder). Every folder must lie under the data folder or an --allowed-path one.
+    Files that cannot be used are skipped and listed with the reason."""
     job = job or Job()
-    source = _folder(input_dir, "Input directory")
-    masks = {p.stem: p for p in pictures_in(_folder(mask_dir, "Inpaint batch mask directory"))} if str(mask_dir).strip() else None
-    target = Path(str(output_dir).strip()).expanduser() if str(output_dir).strip() else None
+    source = _folder(ctx, input_dir, "Input directory")
+    masks = None
+    if str(mask_dir).strip():
+        masks = {p.stem: p for p in pictures_in(_folder(ctx, mask_dir, "Inpaint batch mask directory"))}
+    target = ctx.paths.server_folder(output_dir, "Output directory") if str(output_dir).strip() else None
     files = pictures_in(source)
     if not files:
         raise RequestError(f"Input directory {str(source)!r} holds no pictures ({', '.join(IMAGE_SUFFIXES)})")

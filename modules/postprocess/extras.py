@@ -19,6 +19,7 @@ from pathlib import Path
 from PIL import Image
 
 from modules.app import fields
+from modules.app.config import Paths
 from modules.app.fields import bounded, indexed
 from modules.images import image_info, storage
 from modules.images.infotext import format_params_line
@@ -131,11 +132,15 @@ def read_inputs(paths: Iterable[Path]) -> tuple[list[ExtrasInput], list[str]]:
     return inputs, problems
 
 
-def directory_inputs(folder: str | Path) -> tuple[list[ExtrasInput], list[str]]:
-    """The pictures in a folder on the server (not its subfolders), by name."""
-    folder = Path(folder).expanduser()
-    if not str(folder).strip() or not folder.is_dir():
-        raise ExtrasError(f"input directory {str(folder)!r} does not exist or is not a folder")
+def directory_inputs(paths: Paths, folder: str | Path) -> tuple[list[ExtrasInput], list[str]]:
+    """The pictures in a folder on the server (not its subfolders), by name; the folder must lie
+    under one of `paths`' allowed roots."""
+    given = str(folder).strip()
+    if not given:
+        raise ExtrasError("give the input directory: a folder on the computer running the web UI")
+    folder = paths.server_folder(given, "input directory")
+    if not folder.is_dir():
+        raise ExtrasError(f"input directory {given!r} does not exist or is not a folder")
     files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise ExtrasError(f"no pictures ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
@@ -145,13 +150,16 @@ def directory_inputs(folder: str | Path) -> tuple[list[ExtrasInput], list[str]]:
 def run(ctx, request: ExtrasRequest, inputs: list[ExtrasInput], output_dir: Path | None = None,
         job: Job | None = None, save: bool = True) -> ExtrasResult:
     """Upscales every input; saves each as outputs/extras-images/<date>/NNNNN-<name>.png (or in
-    `output_dir`) when `save` is set."""
+    `output_dir`, which must lie under an allowed root) when `save` is set."""
     request = request.validate(ctx.upscalers.names())
     if not inputs:
         raise ExtrasError("no picture given")
     job = job or Job()
     job.total_steps = len(inputs)
-    folder = Path(output_dir) if output_dir else storage.dated_dir(ctx.paths.outputs, MODE)
+    if output_dir and str(output_dir).strip():
+        folder = ctx.paths.server_folder(output_dir, "output directory")
+    else:
+        folder = storage.dated_dir(ctx.paths.outputs, MODE)
     result = ExtrasResult()
     for index, source in enumerate(inputs):
         if job.interrupted:

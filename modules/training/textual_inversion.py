@@ -331,7 +331,9 @@ def create_in_app(ctx, name: str, init_text: str, vectors: int, suffix: str = ".
 
 def train_in_app(ctx, options: TrainingOptions, job: Job | None = None) -> TrainingResult:
     """Trains with the selected checkpoint; previews are drawn as txt2img draws them, with the
-    embedding as just saved, at the training size and a fixed seed so they can be compared."""
+    embedding as just saved, at the training size and a fixed seed so they can be compared.
+    The dataset folder must lie under the data folder or an --allowed-path one."""
+    options = replace(options, dataset=ctx.paths.server_folder(options.dataset, "dataset directory"))
     sd_model = ctx.models.get()
     info = sd_model.checkpoint
 

@@ -65,7 +65,7 @@ def build(ctx) -> PasteTarget:
             if not files:
                 raise extras.ExtrasError("add pictures to Batch Process first")
             return extras.read_inputs(files)
-        return extras.directory_inputs(input_dir or "")
+        return extras.directory_inputs(ctx.paths, input_dir or "")
 
     def run(source, image, files, input_dir, output_dir, resize_mode, scale, width, height, crop, upscaler_1, upscaler_2, visibility):
         try:

@@ -84,6 +84,7 @@ def build(ctx) -> None:
                 steps=int(steps or 0), save_every=int(save_every or 0), preview_every=int(preview_every or 0),
                 shuffle_tags=bool(shuffle_tags), tag_dropout=float(tag_dropout), latent_sampling=latent_sampling,
             ).validate()
+            ctx.paths.server_folder(options.dataset, "Dataset directory")  # refused before the job waits in the queue
         except (ValueError, TypeError) as e:
             raise gr.Error(str(e))
         job = Job(description="train embedding")
