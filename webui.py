@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from modules.api import routes
 from modules.app.config import Flags, parse_flags
 from modules.context import AppContext
+from modules.service import auth
 from modules.ui import extras as extras_tab
 from modules.ui import img2img as img2img_tab
 from modules.ui import merger as merger_tab
@@ -35,6 +36,8 @@ CSS = """
 .progress-text { font-size: 0.85em; margin-top: 4px; }
 pre.infotext { white-space: pre-wrap; font-size: 0.85em; }
 """
+LOGIN_MESSAGE = (f"After {auth.Throttle.LIMIT} wrong passwords within {auth.Throttle.WINDOW:.0f} seconds, "
+                 "sign-in from that address pauses for a while.")
 
 
 def model_resolution(ctx: AppContext, name: str | None) -> int | None:
@@ -98,23 +101,34 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
     return demo
 
 
-def create_app(flags: Flags) -> tuple[FastAPI, AppContext]:
+def create_app(flags: Flags, sign_ins: auth.SignIns | None = None) -> tuple[FastAPI, AppContext]:
+    sign_ins = sign_ins or auth.SignIns.from_flags(flags)
     if flags.threads:
         torch.set_num_threads(flags.threads)
     ctx = AppContext.create(flags)
     app = FastAPI(title="Stable Diffusion web UI")
     if flags.api:
-        routes.install(app, ctx)
+        routes.install(app, ctx, sign_ins.api)
     demo = build_ui(ctx)
     demo.queue(default_concurrency_limit=4)
-    app = gr.mount_gradio_app(app, demo, path="/", css=CSS, footer_links=["api"])
+    login = {}
+    if sign_ins.ui:
+        app.add_middleware(auth.ClientAddress)  # the login callable slows failures down by address
+        login = dict(auth=sign_ins.ui.gradio_login, auth_message=LOGIN_MESSAGE)
+    app = gr.mount_gradio_app(app, demo, path="/", css=CSS, footer_links=["api"], **login)
     return app, ctx
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     flags = parse_flags(argv)
-    app, _ = create_app(flags)
+    try:
+        sign_ins = auth.SignIns.from_flags(flags)
+    except auth.AuthError as e:
+        raise SystemExit(f"launch.py: error: {e}") from None
+    for door in sign_ins.open_doors(flags):
+        log.warning("listening on %s:%d without sign-in: anyone who can reach it can use %s", flags.host, flags.port, door)
+    app, _ = create_app(flags, sign_ins)
     print(f"Running on http://{flags.host}:{flags.port}", flush=True)
     uvicorn.run(app, host=flags.host, port=flags.port, log_level="warning")
 

@@ -39,7 +39,7 @@ def running_server(data_dir: Path, *extra_args: str, timeout: float = 120.0):
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
             with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/sdapi/v1/samplers", timeout=2).status_code == 200:
+                if httpx.get(f"{url}/sdapi/v1/samplers", timeout=2).status_code in (200, 401):  # 401: up, with --api-auth
                     break
             if time.monotonic() > deadline:
                 raise TimeoutError(f"server did not start in {timeout}s:\n{log_path.read_text()}")

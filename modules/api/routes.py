@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse
 
 from modules.api import models as api
 from modules.api import postprocessing, training
+from modules.api.auth import BasicAuth
 from modules.api.images import decode_bytes, encode_png
 from modules.app.errors import RequestError
 from modules.generation import options, pipeline
@@ -17,6 +18,7 @@ from modules.images import image_info
 from modules.images.infotext import parse_infotext
 from modules.sampling.registry import SAMPLERS
 from modules.sampling.schedules import SCHEDULES
+from modules.service.auth import SignIn
 from modules.service.jobs import Job
 
 # override_settings keys A1111 clients use, and the request field each one sets.
@@ -201,7 +203,10 @@ def create_router(ctx) -> APIRouter:
     return router
 
 
-def install(app: FastAPI, ctx) -> None:
+def install(app: FastAPI, ctx, sign_in: SignIn | None = None) -> None:
+    """The /sdapi/v1 routes on `app`; with `sign_in`, each asks for HTTP Basic credentials."""
+    if sign_in is not None:
+        app.add_middleware(BasicAuth, sign_in=sign_in)
     app.include_router(create_router(ctx))
     app.include_router(postprocessing.create_router(ctx))
 

@@ -29,6 +29,10 @@ class Flags:
     api: bool = True
     threads: int | None = None
     allowed_paths: tuple[Path, ...] = ()  # folders besides data_dir that requests may name (--allowed-path)
+    # Sign-in, as given; modules/service/auth.py reads them.
+    gradio_auth: tuple[str, ...] = ()  # "user:pass,user:pass"
+    gradio_auth_path: tuple[Path, ...] = ()  # files of user:pass lines
+    api_auth: tuple[str, ...] = ()
 
 
 def parse_flags(argv: list[str] | None = None) -> Flags:
@@ -48,6 +52,12 @@ def parse_flags(argv: list[str] | None = None) -> Flags:
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--allowed-path", action="append", type=Path, default=[], metavar="DIR",
                    help="a folder besides the data folder that batch, extras and training requests may read and write; repeatable")
+    p.add_argument("--gradio-auth", action="append", default=[], metavar="USER:PASS[,USER:PASS...]",
+                   help="sign-in for the web UI")
+    p.add_argument("--gradio-auth-path", action="append", type=Path, default=[], metavar="FILE",
+                   help="a file of user:pass lines for the web UI's sign-in, added to --gradio-auth's")
+    p.add_argument("--api-auth", action="append", default=[], metavar="USER:PASS[,USER:PASS...]",
+                   help="HTTP Basic sign-in for /sdapi/v1")
     a = p.parse_args(argv)
     allowed = []
     for folder in a.allowed_path:
@@ -68,6 +78,9 @@ def parse_flags(argv: list[str] | None = None) -> Flags:
         api=a.api,
         threads=a.threads,
         allowed_paths=tuple(allowed),
+        gradio_auth=tuple(a.gradio_auth),
+        gradio_auth_path=tuple(a.gradio_auth_path),
+        api_auth=tuple(a.api_auth),
     )
 
 
