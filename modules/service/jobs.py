@@ -1,4 +1,5 @@
-"""One generation at a time, with progress that the UI and the API can read while it runs.
+"""Jobs, each with an id and an owner, run one at a time by a queue that is fair between owners,
+with progress that the UI and the API can read while a job runs.
 
 A Job is written by the pipeline's sampler callback and read by pollers in other threads; plain
 attribute writes are atomic in CPython, so a reader may see a slightly stale step, never a torn one.
@@ -6,8 +7,12 @@ attribute writes are atomic in CPython, so a reader may see a slightly stale ste
 
 from __future__ import annotations
 
+import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+import uuid
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,9 +25,14 @@ class SamplingStopped(Exception):
         self.latent = latent
 
 
-@dataclass
+@dataclass(eq=False)
 class Job:
     description: str = ""
+    owner: str = "local"  # the signed-in user, or the browser session or API client
+    id: str = field(default_factory=lambda: uuid.uuid4().hex[:12])
+    # Asked before the job starts: False when whoever waits for it has gone (a closed browser tab).
+    wanted: Callable[[], bool] = lambda: True
+    cancelled: bool = False
     total_steps: int = 0  # over the whole job: batches x steps
     step: int = 0
     started: float = field(default_factory=time.monotonic)
@@ -52,32 +62,127 @@ class Job:
         return elapsed / self.step * (self.total_steps - self.step)
 
 
-class JobQueue:
-    """Runs generations one at a time on a worker thread: models are large, and two jobs at once
-    would only fight for the same device. Callers wait on the returned Future or poll the Job."""
+class QueueFull(Exception):
+    """The queue holds as many waiting jobs as it may (--queue-size); the message says so."""
 
-    def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="job")
+
+class JobCancelled(Exception):
+    """The job was cancelled (by its owner, or because its caller went away) before it started."""
+
+
+class JobQueue:
+    """Runs jobs one at a time on a worker thread (models are large, and two jobs at once would
+    only fight for the same device), fairly between owners: they take turns, one job each, so
+    one owner's forty queued jobs do not keep another's single job waiting behind all of them.
+    Within an owner, jobs run in the order they came. `max_waiting` bounds how many may wait.
+    Callers wait on the returned Future or poll the Job; a Future of a job cancelled before it
+    started raises JobCancelled."""
+
+    def __init__(self, max_waiting: int | None = None) -> None:
+        self.max_waiting = max_waiting
         self.current: Job | None = None
+        self._waiting: dict[str, deque[tuple[Job, Future, Callable[[], Any]]]] = {}  # owner -> jobs, in turn order
+        self._lock = threading.Condition()
+        self._worker = threading.Thread(target=self._work, name="job", daemon=True)
+        self._worker.start()
 
     def submit(self, job: Job, fn, *args, **kwargs) -> Future:
-        def run():
-            self.current = job
-            job.started = time.monotonic()
-            try:
-                return fn(*args, job=job, **kwargs)
-            finally:
-                job.finished = True
-
-        return self._executor.submit(run)
+        """Queues fn(*args, job=job, **kwargs); raises QueueFull when max_waiting jobs wait."""
+        future: Future = Future()
+        with self._lock:
+            waiting = sum(len(jobs) for jobs in self._waiting.values())
+            if self.max_waiting is not None and waiting >= self.max_waiting:
+                raise QueueFull(f"the queue is full ({waiting} jobs waiting, at most {self.max_waiting}); try again later")
+            self._waiting.setdefault(job.owner, deque()).append((job, future, lambda: fn(*args, job=job, **kwargs)))
+            self._lock.notify()
+        return future
 
     def run(self, job: Job, fn, *args, **kwargs):
         return self.submit(job, fn, *args, **kwargs).result()
 
-    def interrupt(self) -> None:
-        if self.current is not None and not self.current.finished:
-            self.current.interrupt()
+    def _next(self) -> tuple[Job, Future, Callable[[], Any]]:
+        """The next owner's first job; that owner then goes to the back of the turn order."""
+        with self._lock:
+            while not self._waiting:
+                self._lock.wait()
+            owner = next(iter(self._waiting))
+            jobs = self._waiting.pop(owner)
+            entry = jobs.popleft()
+            if jobs:
+                self._waiting[owner] = jobs
+            self.current = entry[0]
+            return entry
 
-    def skip(self) -> None:
-        if self.current is not None and not self.current.finished:
-            self.current.skip()
+    def _work(self) -> None:
+        while True:
+            job, future, call = self._next()
+            if job.cancelled or not job.wanted():
+                job.finished = True
+                future.set_exception(JobCancelled(f"job {job.id} was cancelled before it started"))
+                continue
+            if not future.set_running_or_notify_cancel():
+                job.finished = True
+                continue
+            job.started = time.monotonic()
+            try:
+                future.set_result(call())
+            except BaseException as e:  # the caller gets it from the Future
+                future.set_exception(e)
+            finally:
+                job.finished = True
+
+    def ahead_of(self, job: Job) -> int | None:
+        """How many jobs will run before `job` (the running one included); None when it is not
+        waiting. Turns go round the owners in order, one job each."""
+        with self._lock:
+            queues = [[j for j, _, _ in jobs] for jobs in self._waiting.values()]
+        running = 1 if self.current is not None and not self.current.finished else 0
+        for turn in range(max((len(q) for q in queues), default=0)):
+            for q in queues:
+                if turn < len(q):
+                    if q[turn] is job:
+                        return running
+                    running += 1
+        return None
+
+    def jobs_of(self, owner: str) -> list[Job]:
+        """The owner's running job (if any) and waiting jobs, in the order they will run."""
+        with self._lock:
+            waiting = [j for j, _, _ in self._waiting.get(owner, ())]
+        current = self.current
+        return ([current] if current is not None and not current.finished and current.owner == owner else []) + waiting
+
+    def cancel(self, job: Job) -> bool:
+        """Takes a waiting job out of the queue (its Future raises JobCancelled); False when it
+        has already started."""
+        with self._lock:
+            for owner, jobs in self._waiting.items():
+                for entry in jobs:
+                    if entry[0] is job:
+                        jobs.remove(entry)
+                        if not jobs:
+                            del self._waiting[owner]
+                        job.cancelled = job.finished = True
+                        entry[1].set_exception(JobCancelled(f"job {job.id} was cancelled before it started"))
+                        return True
+        return False
+
+    def _running_of(self, owner: str | None) -> Job | None:
+        job = self.current
+        if job is None or job.finished or (owner is not None and job.owner != owner):
+            return None
+        return job
+
+    def interrupt(self, owner: str | None = None) -> bool:
+        """Interrupts the running job if it is `owner`'s (anyone's when owner is None)."""
+        job = self._running_of(owner)
+        if job is not None:
+            job.interrupt()
+        return job is not None
+
+    def skip(self, owner: str | None = None) -> bool:
+        """Skips the running job's current batch if it is `owner`'s (anyone's when owner is None)."""
+        job = self._running_of(owner)
+        if job is not None:
+            job.skip()
+        return job is not None

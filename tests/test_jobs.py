@@ -1,0 +1,107 @@
+"""The job queue: one job at a time, owners taking turns, a bound on what waits, and interrupt,
+skip and cancel reaching only their owner's jobs."""
+
+import threading
+
+import pytest
+
+from modules.service.jobs import Job, JobCancelled, JobQueue, QueueFull
+
+
+class Gate:
+    """A first job that holds the worker until released, so that others queue behind it."""
+
+    def __init__(self):
+        self.started, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, job):
+        self.started.set()
+        assert self.release.wait(10)
+        return "gate"
+
+
+def record(order):
+    def run(name, job):
+        order.append(name)
+        return name
+
+    return run
+
+
+def test_owners_take_turns():
+    queue, gate, order = JobQueue(), Gate(), []
+    first = queue.submit(Job(owner="a"), gate)
+    assert gate.started.wait(10)
+    futures = [queue.submit(Job(owner="a"), record(order), f"a{i}") for i in range(10)]
+    futures.append(queue.submit(Job(owner="b"), record(order), "b0"))
+    gate.release.set()
+    assert [f.result(10) for f in futures] == [f"a{i}" for i in range(10)] + ["b0"]
+    assert first.result(10) == "gate"
+    # b's single job starts before a's second waiting job, let alone its third.
+    assert order[:3] == ["a0", "b0", "a1"] and order[3:] == [f"a{i}" for i in range(2, 10)]
+
+
+def test_places_in_the_queue_follow_the_turns():
+    queue, gate = JobQueue(), Gate()
+    queue.submit(Job(owner="a"), gate)
+    assert gate.started.wait(10)
+    a = [Job(owner="a") for _ in range(3)]
+    b = Job(owner="b")
+    for job in a:
+        queue.submit(job, record([]), "x")
+    queue.submit(b, record([]), "y")
+    assert [queue.ahead_of(j) for j in (*a, b)] == [1, 3, 4, 2]
+    assert queue.jobs_of("b") == [b] and queue.jobs_of("a")[1:] == a
+    gate.release.set()
+
+
+def test_the_queue_is_bounded():
+    queue, gate = JobQueue(max_waiting=2), Gate()
+    queue.submit(Job(owner="a"), gate)
+    assert gate.started.wait(10)  # running, so not waiting
+    queue.submit(Job(owner="a"), record([]), 1)
+    queue.submit(Job(owner="b"), record([]), 2)
+    with pytest.raises(QueueFull, match="2 jobs waiting, at most 2"):
+        queue.submit(Job(owner="c"), record([]), 3)
+    gate.release.set()
+
+
+def test_a_waiting_job_can_be_cancelled_and_a_gone_callers_job_is_dropped():
+    queue, gate, order = JobQueue(), Gate(), []
+    queue.submit(Job(owner="a"), gate)
+    assert gate.started.wait(10)
+    cancelled, gone = Job(owner="a"), Job(owner="b", wanted=lambda: False)
+    futures = [queue.submit(cancelled, record(order), "cancelled"), queue.submit(gone, record(order), "gone"),
+               queue.submit(Job(owner="c"), record(order), "kept")]
+    assert queue.cancel(cancelled) and not queue.cancel(Job())
+    gate.release.set()
+    assert futures[2].result(10) == "kept"
+    for future in futures[:2]:
+        with pytest.raises(JobCancelled):
+            future.result(10)
+    assert order == ["kept"] and cancelled.finished and gone.finished
+
+
+def test_interrupt_and_skip_reach_only_their_owners_running_job():
+    queue, gate = JobQueue(), Gate()
+    job = Job(owner="a")
+    future = queue.submit(job, gate)
+    assert gate.started.wait(10)
+    assert not queue.interrupt("b") and not queue.skip("b")
+    assert not job.interrupted and not job.skipped
+    assert queue.skip("a") and queue.interrupt("a")
+    assert job.interrupted and job.skipped
+    gate.release.set()
+    future.result(10)
+    assert not queue.interrupt("a")  # nothing runs any more
+
+
+def test_an_error_reaches_the_caller_and_the_queue_goes_on():
+    queue = JobQueue()
+
+    def fails(job):
+        raise ValueError("bad input")
+
+    with pytest.raises(ValueError, match="bad input"):
+        queue.run(Job(), fails)
+    assert queue.run(Job(), record([]), "next") == "next"
