@@ -155,3 +155,33 @@ def test_a_hires_switch_given_as_1_checks_the_hires_fields():
     with pytest.raises(RequestError, match="hr_scale must be a number from 1 to 8, got 20"):
         GenerationRequest(enable_hr=1, hr_scale=20, width=64, height=64).validate()
     assert GenerationRequest(enable_hr=0, hr_scale=20).validate().enable_hr is False
+
+
+@pytest.mark.parametrize("value, message", [
+    ("a cat, é, 😀, \u200b", None),
+    (("fine", "also fine"), None),
+    ("a\x00b", "note holds NUL (U+0000) at character 2; text may not hold NUL or lone surrogate characters"),
+    ("\ud800", "note holds a lone surrogate (U+D800) at character 1"),
+    (("ok", "x\udfff"), "note holds a lone surrogate (U+DFFF) at character 2"),
+])
+def test_text_that_no_file_can_hold_is_named(value, message):
+    found = fields.problems(Example(note=value))
+    assert found == [] if message is None else found[0].startswith(message)
+
+
+def test_a_generation_request_names_the_field_and_the_character():
+    from modules.app.errors import RequestError
+
+    with pytest.raises(RequestError, match=r"negative_prompt holds NUL \(U\+0000\) at character 4"):
+        GenerationRequest(negative_prompt="bad\x00").validate()
+    with pytest.raises(RequestError, match=r"styles holds a lone surrogate \(U\+DC80\)"):
+        GenerationRequest(styles=("\udc80",)).validate()
+
+
+def test_samplers_that_pick_their_own_levels_need_two_steps():
+    from modules.app.errors import RequestError
+
+    with pytest.raises(RequestError, match="DPM fast needs at least 2 steps"):
+        GenerationRequest(sampler_name="DPM fast", steps=1).validate()
+    assert GenerationRequest(sampler_name="DPM adaptive", steps=2).validate().steps == 2
+    assert GenerationRequest(sampler_name="DPM++ 2M SDE", steps=1).validate().steps == 1

@@ -258,6 +258,17 @@ def test_samplers_reach_the_only_image(sd_sigmas, name):
         torch.testing.assert_close(out, target.expand_as(out), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("name", [s.name for s in SAMPLERS if not s.own_levels])  # those need 2 levels
+def test_one_step_is_a_plain_denoise(sd_sigmas, name):
+    """A one-step schedule goes straight to 0; k-diffusion's DPM++ 2M SDE and 3M SDE fail on it
+    by themselves."""
+    target = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(0))
+    sigmas = sigmas_for(name, 1, sd_sigmas)
+    x = image_noise([1], (4, 8, 8)) * sigmas[0]
+    out = run_sampler(find_sampler(name), fixed_point_denoiser(target), x, sigmas, seeds=[1])
+    torch.testing.assert_close(out, target.expand_as(out), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("name", SAMPLER_NAMES)
 def test_samplers_draw_from_the_data_distribution(sd_sigmas, name):
     info = find_sampler(name)

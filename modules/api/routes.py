@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modules.api import models as api
 from modules.api import postprocessing, training
@@ -203,13 +207,45 @@ def create_router(ctx) -> APIRouter:
     return router
 
 
+def _finite(value):
+    """`value` with NaN and the infinities, which JSON has no words for, as text."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
+
+
+class JSONBody(JSONResponse):
+    """A JSON response that always encodes, whatever a client sent and hears back (in a body's
+    echo or a refusal that quotes it): a lone surrogate, which UTF-8 cannot hold, is written as
+    its \\u escape, as the client wrote it; NaN or an infinity (Python's JSON reader takes them) as text."""
+
+    def render(self, content) -> bytes:
+        try:
+            return super().render(content)
+        except ValueError:  # UnicodeEncodeError is one
+            return json.dumps(_finite(content), ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
 def install(app: FastAPI, ctx, sign_in: SignIn | None = None) -> None:
     """The /sdapi/v1 routes on `app`; with `sign_in`, each asks for HTTP Basic credentials."""
     if sign_in is not None:
         app.add_middleware(BasicAuth, sign_in=sign_in)
-    app.include_router(create_router(ctx))
-    app.include_router(postprocessing.create_router(ctx))
+    app.include_router(create_router(ctx), default_response_class=JSONBody)
+    app.include_router(postprocessing.create_router(ctx), default_response_class=JSONBody)
 
     @app.exception_handler(RequestError)
     async def request_error(_: Request, error: RequestError):
-        return JSONResponse(status_code=422, content={"error": "RequestError", "detail": str(error)})
+        return JSONBody(status_code=422, content={"error": "RequestError", "detail": str(error)})
+
+    # FastAPI's own answers, in a response that encodes whatever they quote.
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, error: StarletteHTTPException):
+        return JSONBody(status_code=error.status_code, content={"detail": error.detail}, headers=error.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, error: RequestValidationError):
+        return JSONBody(status_code=422, content={"detail": jsonable_encoder(error.errors())})

@@ -7,6 +7,7 @@ name, default and limits are written once, where the field is declared.
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -89,11 +90,35 @@ def limits(field: dataclasses.Field) -> Bounds | Choices | None:
     return field.metadata.get(LIMITS)
 
 
+# NUL, which no file name, C library or PNG text chunk takes, and the halves of a surrogate
+# pair, which come alone only from a JSON escape or a broken client and which UTF-8 cannot write.
+UNWRITABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def text_problem(name: str, value: Any) -> str | None:
+    """What is wrong with text (or a list of texts) that a request holds: a character that
+    cannot be written to a file or a picture's text. None if all is well or it is no text."""
+    texts = value if isinstance(value, (list, tuple)) else (value,)
+    for text in texts:
+        found = UNWRITABLE.search(text) if isinstance(text, str) else None
+        if found:
+            char = found.group()
+            what = "NUL (U+0000)" if char == "\x00" else f"a lone surrogate (U+{ord(char):04X})"
+            return (f"{name} holds {what} at character {found.start() + 1}; "
+                    "text may not hold NUL or lone surrogate characters")
+    return None
+
+
 def problems(value: Any) -> list[str]:
-    """What is wrong with the limited fields of the dataclass instance `value`, one message each;
-    a field `only_with` another is skipped while that one is false."""
+    """What is wrong with the limited fields of the dataclass instance `value`, and with any
+    text it holds, one message each; a field `only_with` another is skipped while that one is
+    false."""
     found = []
     for field in dataclasses.fields(value):
+        problem = text_problem(field.name, getattr(value, field.name))
+        if problem:
+            found.append(problem)
+            continue
         rule = limits(field)
         switch = field.metadata.get(ONLY_WITH)
         if rule is None or (switch and not getattr(value, switch)):

@@ -109,6 +109,11 @@ class GenerationRequest:
             scheduler = find_schedule(self.scheduler)
         except ValueError as e:
             problems.append(str(e))
+        if self.mode == "txt2img" and not problems and sampler.own_levels and self.steps < 2:
+            # img2img's own rule (strength_problems) says the same of the steps it samples.
+            problems.append(f"{sampler.name} needs at least 2 steps: it picks its own noise levels between the "
+                            "schedule's highest and lowest above 0, which one step makes the same; raise the steps "
+                            "or pick another sampler")
         if self.enable_hr and not problems:
             problems += self._hires_problems()
         if problems:

@@ -7,6 +7,7 @@ Facts per sampler follow A1111's sd_samplers_kdiffusion: default schedule ("sche
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,6 +43,21 @@ def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, 
         if sigma_next > 0 and sigma_up > 0:
             x = x + noise_sampler(sigma, sigma_next) * sigma_up
     return x
+
+
+def one_step_safe(fn: Callable) -> Callable:
+    """`fn` (k-diffusion's DPM++ 2M SDE or 3M SDE), except on a one-step schedule [sigma, 0]:
+    they carry the last step's size over even from a step that ends at 0 and so computes none,
+    which fails when that step is the first. A step to 0 is a plain denoise in every sampler, as
+    Euler's is."""
+
+    @functools.wraps(fn)
+    def sample(model, x, sigmas, extra_args=None, callback=None, disable=None, **kwargs):
+        if len(sigmas) == 2 and sigmas[-1] == 0:
+            return kd.sample_euler(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable)
+        return fn(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, **kwargs)
+
+    return sample
 
 
 # How a sampler takes its noise levels.
@@ -117,10 +133,10 @@ class SamplerInfo:
 SAMPLERS: tuple[SamplerInfo, ...] = (
     SamplerInfo("DPM++ 2M", ("k_dpmpp_2m",), kd.sample_dpmpp_2m, "karras"),
     SamplerInfo("DPM++ SDE", ("k_dpmpp_sde",), kd.sample_dpmpp_sde, "karras", noise="brownian", second_order=True),
-    SamplerInfo("DPM++ 2M SDE", ("k_dpmpp_2m_sde",), kd.sample_dpmpp_2m_sde, "exponential", noise="brownian"),
+    SamplerInfo("DPM++ 2M SDE", ("k_dpmpp_2m_sde",), one_step_safe(kd.sample_dpmpp_2m_sde), "exponential", noise="brownian"),
     SamplerInfo("DPM++ 2S a", ("k_dpmpp_2s_a",), kd.sample_dpmpp_2s_ancestral, "karras", noise="ancestral", second_order=True),
     SamplerInfo(
-        "DPM++ 3M SDE", ("k_dpmpp_3m_sde",), kd.sample_dpmpp_3m_sde, "exponential",
+        "DPM++ 3M SDE", ("k_dpmpp_3m_sde",), one_step_safe(kd.sample_dpmpp_3m_sde), "exponential",
         noise="brownian", discard_penultimate_sigma=True,
     ),
     SamplerInfo("Euler a", ("k_euler_a", "k_euler_ancestral"), kd.sample_euler_ancestral, "uniform", noise="ancestral"),
