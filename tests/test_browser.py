@@ -172,7 +172,7 @@ def test_train_tab_creates_an_embedding_and_stops_training_on_interrupt(page, ti
 
     from modules.training.textual_inversion import read_embedding
 
-    pictures = tmp_path / "pictures"
+    pictures = tiny_data_dir / "browser-pictures"  # a dataset must lie in the data folder
     pictures.mkdir()
     for i in range(2):
         Image.new("RGB", (64, 64), (200, 40 * i, 0)).save(pictures / f"{i}.png")
@@ -188,9 +188,12 @@ def test_train_tab_creates_an_embedding_and_stops_training_on_interrupt(page, ti
     assert vectors.shape[0] == 2 and step == 0
 
     page.get_by_role("tab", name="Train", exact=True).last.click()
-    page.locator("#train_dataset").locator("textarea, input").first.fill(str(pictures))
     page.locator("#train_steps input").fill("100000")
     page.locator("#train_preview_every input").fill("0")
+    page.locator("#train_dataset").locator("textarea, input").first.fill(str(tmp_path))
+    page.locator("#train_train_embedding").click()
+    page.get_by_text(f"Dataset directory {str(tmp_path)!r} is outside").first.wait_for(timeout=30_000)
+    page.locator("#train_dataset").locator("textarea, input").first.fill(str(pictures))
     page.locator("#train_train_embedding").click()
     page.locator("#train_status").get_by_text("loss").wait_for(timeout=60_000)
     page.locator("#train_interrupt").click()
