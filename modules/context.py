@@ -39,6 +39,7 @@ class AppContext:
             loras=LoraLibrary(paths.lora, paths.hash_cache),
             styles=StyleLibrary(paths.styles_file),
             upscalers=upscalers,
+            jobs=JobQueue(max_waiting=flags.queue_size),
         )
 
     @property

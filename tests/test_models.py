@@ -220,3 +220,14 @@ def test_sizes_must_agree():
 
     with pytest.raises(ValueError, match="transformer_depth"):
         UNetModel(model_channels=32, channel_mult=(1, 2), transformer_depth=(1, 1, 1), context_dim=32)
+
+
+@pytest.mark.parametrize("side", [7, 9, 13])
+def test_latent_sides_that_do_not_halve_evenly_keep_their_size(side):
+    # SD 1.5 halves the latent three times: a 520 px picture's 65 cells come back as 66 from the
+    # up path unless each upsampled map is sized to its skip connection.
+    unet = tiny_sd_model(seed=0, unet={"channel_mult": (1, 2, 2), "attention_resolutions": (2,)}).unet
+    x = torch.randn(1, 4, side, side + 2)
+    with torch.no_grad():
+        out = unet(x, torch.tensor([500.0]), torch.randn(1, 77, 32))
+    assert out.shape == x.shape and bool(torch.isfinite(out).all())

@@ -26,6 +26,13 @@ def basic_credentials(header: str) -> tuple[str, str] | None:
     return (user, password) if colon else None
 
 
+def caller(request) -> str:
+    """Whose jobs an API request makes (a Starlette Request): the signed-in user, else the
+    client's address."""
+    user = getattr(request.state, "api_user", None)
+    return user or f"api {request.client.host if request.client else 'unknown'}"
+
+
 class BasicAuth:
     """ASGI middleware: a request under PREFIX passes only with a user and password `sign_in`
     accepts; else 401 asking for Basic credentials, or 429 while its address must wait."""
@@ -40,6 +47,8 @@ class BasicAuth:
         header = next((v.decode("latin-1") for k, v in scope.get("headers", ()) if k == b"authorization"), "")
         refusal = self.refusal(header, (scope.get("client") or ("unknown",))[0])
         if refusal is None:
+            # The routes make the signed-in user the owner of the jobs it asks for.
+            scope.setdefault("state", {})["api_user"] = basic_credentials(header)[0]
             return await self.app(scope, receive, send)
         await refusal(scope, receive, send)
 

@@ -6,9 +6,10 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Request
 
 from modules.api import models as api
+from modules.api.auth import caller
 from modules.api.images import decode_image, encode_bytes
 from modules.postprocess import extras
 from modules.postprocess.upscalers import LATENT_UPSCALE_MODES
@@ -28,10 +29,10 @@ def read_input(data: str, name: str) -> extras.ExtrasInput:
 def create_router(ctx) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1")
 
-    def run(body: api.ExtrasBody, inputs: list[extras.ExtrasInput]) -> extras.ExtrasResult:
+    def run(body: api.ExtrasBody, inputs: list[extras.ExtrasInput], owner: str) -> extras.ExtrasResult:
         try:
             request = request_from_body(body).validate(ctx.upscalers.names())
-            return ctx.jobs.run(Job(description="extras (api)"), extras.run, ctx, request, inputs, save=False)
+            return ctx.jobs.run(Job(description="extras (api)", owner=owner), extras.run, ctx, request, inputs, save=False)
         except (ValueError, LookupError, OSError) as e:
             raise HTTPException(422, str(e))
 
@@ -39,13 +40,13 @@ def create_router(ctx) -> APIRouter:
         return f"<p>{html.escape(result.infotexts[0])}</p>" if result.infotexts else ""
 
     @router.post("/extra-single-image", response_model=api.ExtrasSingleImageResponse)
-    def extra_single_image(body: api.ExtrasSingleImageBody):
-        result = run(body, [read_input(body.image, "image")])
+    def extra_single_image(body: api.ExtrasSingleImageBody, http: Request):
+        result = run(body, [read_input(body.image, "image")], caller(http))
         return api.ExtrasSingleImageResponse(html_info=html_info(result), image=encode_bytes(result.pngs[0]))
 
     @router.post("/extra-batch-images", response_model=api.ExtrasBatchImagesResponse)
-    def extra_batch_images(body: api.ExtrasBatchImagesBody):
-        result = run(body, [read_input(item.data, item.name) for item in body.imageList])
+    def extra_batch_images(body: api.ExtrasBatchImagesBody, http: Request):
+        result = run(body, [read_input(item.data, item.name) for item in body.imageList], caller(http))
         return api.ExtrasBatchImagesResponse(html_info=html_info(result), images=[encode_bytes(png) for png in result.pngs])
 
     @router.get("/upscalers", response_model=list[api.UpscalerItem])

@@ -13,7 +13,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modules.api import models as api
 from modules.api import postprocessing, training
-from modules.api.auth import BasicAuth
+from modules.api.auth import BasicAuth, caller
 from modules.api.images import decode_bytes, encode_png
 from modules.app.errors import RequestError
 from modules.generation import options, pipeline
@@ -23,7 +23,7 @@ from modules.images.infotext import parse_infotext
 from modules.sampling.registry import SAMPLERS
 from modules.sampling.schedules import SCHEDULES
 from modules.service.auth import SignIn
-from modules.service.jobs import Job
+from modules.service.jobs import Job, QueueFull
 
 # override_settings keys A1111 clients use, and the request field each one sets.
 OVERRIDES = {
@@ -69,13 +69,14 @@ def _generation_fields(body: api.GenerationApiFields) -> dict:
 def create_router(ctx) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1")
 
-    def run(make_request, body: api.GenerationApiFields, parameters: dict):
+    def run(make_request, body: api.GenerationApiFields, parameters: dict, owner: str):
         try:
             request = make_request(body).validate()
         except (RequestError, TypeError) as e:
             raise HTTPException(422, str(e))
         try:
-            result = ctx.jobs.run(Job(description=f"{request.mode} (api)"), pipeline.generate, ctx, request, save=body.save_images)
+            job = Job(description=f"{request.mode} (api)", owner=owner)
+            result = ctx.jobs.run(job, pipeline.generate, ctx, request, save=body.save_images)
         except LookupError as e:
             raise HTTPException(404, str(e))
         except ValueError as e:
@@ -99,14 +100,14 @@ def create_router(ctx) -> APIRouter:
         return api.ImagesResponse(images=images, parameters=parameters, info=json.dumps(info))
 
     @router.post("/txt2img", response_model=api.ImagesResponse)
-    def txt2img(body: api.Txt2ImgBody):
-        return run(request_from_body, body, body.model_dump())
+    def txt2img(body: api.Txt2ImgBody, http: Request):
+        return run(request_from_body, body, body.model_dump(), caller(http))
 
     @router.post("/img2img", response_model=api.ImagesResponse)
-    def img2img_route(body: api.Img2ImgBody):
+    def img2img_route(body: api.Img2ImgBody, http: Request):
         # As A1111: the (large) pictures are echoed back only when asked for.
         parameters = body.model_dump(exclude=set() if body.include_init_images else {"init_images", "mask"})
-        return run(img2img_request_from_body, body, parameters)
+        return run(img2img_request_from_body, body, parameters, caller(http))
 
     @router.get("/samplers", response_model=list[api.SamplerItem])
     def samplers():
@@ -163,35 +164,40 @@ def create_router(ctx) -> APIRouter:
                 for name, path in ctx.loras.available().items() if name == path.stem]
 
     @router.get("/progress", response_model=api.ProgressResponse)
-    def progress(skip_current_image: bool = False):
-        job = ctx.jobs.current
-        running = job is not None and not job.finished
+    def progress(http: Request, skip_current_image: bool = False):
+        """The caller's own job: the running one, or while it waits, its place in the queue."""
+        jobs = ctx.jobs.jobs_of(caller(http))
+        job = jobs[0] if jobs else None
+        ahead = ctx.jobs.ahead_of(job) if job is not None else None
+        running = job is not None and ahead is None and not job.finished
         image = None
         if running and job.preview is not None and not skip_current_image:
             image = encode_png(job.preview, None)
+        waiting = f"Queued: {ahead} job{'s' if ahead != 1 else ''} ahead" if ahead is not None else None
         return api.ProgressResponse(
             progress=job.progress if running else 0.0,
             eta_relative=(job.eta or 0.0) if running else 0.0,
             state=api.ProgressState(
                 skipped=bool(running and job.skipped),
                 interrupted=bool(running and job.interrupted),
-                job=job.description if running else "",
-                job_count=1 if running else 0,
+                job=job.description if job is not None else "",
+                job_count=len(jobs),
                 sampling_step=job.step if running else 0,
                 sampling_steps=job.total_steps if running else 0,
             ),
             current_image=image,
-            textinfo=job.status if running else None,
+            textinfo=waiting or (job.status if running else None),
         )
 
     @router.post("/interrupt")
-    def interrupt():
-        ctx.jobs.interrupt()
+    def interrupt(http: Request):
+        """Interrupts the caller's own running job, nobody else's."""
+        ctx.jobs.interrupt(caller(http))
         return {}
 
     @router.post("/skip")
-    def skip():
-        ctx.jobs.skip()
+    def skip(http: Request):
+        ctx.jobs.skip(caller(http))
         return {}
 
     @router.post("/png-info", response_model=api.PngInfoResponse)
@@ -236,6 +242,10 @@ def install(app: FastAPI, ctx, sign_in: SignIn | None = None) -> None:
         app.add_middleware(BasicAuth, sign_in=sign_in)
     app.include_router(create_router(ctx), default_response_class=JSONBody)
     app.include_router(postprocessing.create_router(ctx), default_response_class=JSONBody)
+
+    @app.exception_handler(QueueFull)
+    async def queue_full(_: Request, error: QueueFull):
+        return JSONBody(status_code=429, content={"error": "QueueFull", "detail": str(error)}, headers={"Retry-After": "10"})
 
     @app.exception_handler(RequestError)
     async def request_error(_: Request, error: RequestError):

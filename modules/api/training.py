@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fastapi import APIRouter, HTTPException
+from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel
 
+from modules.api.auth import caller
 from modules.api.models import RequestBody, request_body
 from modules.service.jobs import Job
 from modules.training import textual_inversion as ti
@@ -49,7 +50,7 @@ def add_routes(router: APIRouter, ctx) -> None:
         return {"info": f"create embedding filename: {path}"}
 
     @router.post("/train/embedding")
-    def train_embedding(body: TrainEmbeddingBody):
+    def train_embedding(body: TrainEmbeddingBody, http: Request):
         if body.training_height not in (None, body.training_width):
             raise HTTPException(422, "training_width and training_height must be equal: pictures are trained square")
         templates = ti.template_files(ctx.paths.ti_templates)
@@ -61,7 +62,7 @@ def add_routes(router: APIRouter, ctx) -> None:
             }).validate()
             # Refused here as well as in train_in_app, so that a folder outside waits for no queue.
             ctx.paths.server_folder(body.data_root, "data_root")
-            result = ctx.jobs.run(Job(description="train embedding (api)"), ti.train_in_app, ctx, options)
+            result = ctx.jobs.run(Job(description="train embedding (api)", owner=caller(http)), ti.train_in_app, ctx, options)
         except ValueError as e:
             raise HTTPException(422, str(e))
         return {"info": f"train embedding complete: filename: {result.path} step: {result.step} "

@@ -29,6 +29,7 @@ class Flags:
     api: bool = True
     threads: int | None = None
     allowed_paths: tuple[Path, ...] = ()  # folders besides data_dir that requests may name (--allowed-path)
+    queue_size: int | None = None  # how many jobs may wait; None: no bound
     # Sign-in, as given; modules/service/auth.py reads them.
     gradio_auth: tuple[str, ...] = ()  # "user:pass,user:pass"
     gradio_auth_path: tuple[Path, ...] = ()  # files of user:pass lines
@@ -50,6 +51,8 @@ def parse_flags(argv: list[str] | None = None) -> Flags:
     p.add_argument("--lowvram", action="store_true", help="move the UNet to the GPU block by block")
     p.add_argument("--nowebui-api-off", dest="api", action="store_false", help="do not serve /sdapi/v1")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
+    p.add_argument("--queue-size", type=int, metavar="N",
+                   help="at most N jobs wait for the model; further requests are refused (HTTP 429)")
     p.add_argument("--allowed-path", action="append", type=Path, default=[], metavar="DIR",
                    help="a folder besides the data folder that batch, extras and training requests may read and write; repeatable")
     p.add_argument("--gradio-auth", action="append", default=[], metavar="USER:PASS[,USER:PASS...]",
@@ -78,6 +81,7 @@ def parse_flags(argv: list[str] | None = None) -> Flags:
         api=a.api,
         threads=a.threads,
         allowed_paths=tuple(allowed),
+        queue_size=a.queue_size,
         gradio_auth=tuple(a.gradio_auth),
         gradio_auth_path=tuple(a.gradio_auth_path),
         api_auth=tuple(a.api_auth),

@@ -291,5 +291,10 @@ class UNetModel(nn.Module):
             skips.append(h)
         h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context)
+            skip = skips.pop()
+            if h.shape[-2:] != skip.shape[-2:]:
+                # A latent side that does not halve evenly (a 520 px picture) comes back one cell
+                # larger from the upsampling; it is sized to the skip connection, as A1111 does.
+                h = F.interpolate(h, size=skip.shape[-2:], mode="nearest")
+            h = block(torch.cat([h, skip], dim=1), emb, context)
         return self.out(h)

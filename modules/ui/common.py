@@ -12,7 +12,7 @@ from typing import Any
 
 import gradio as gr
 
-from modules.service.jobs import Job
+from modules.service.jobs import Job, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,20 @@ def refiner_accordion(ctx, prefix: str, switch_at: float) -> tuple[gr.Dropdown, 
     return checkpoint, switch
 
 
-def progress_html(job: Job) -> str:
+def owner_of(request: gr.Request | None) -> str:
+    """Whose job a browser's request makes: the signed-in user, else that browser session."""
+    if request is None:
+        return "local"
+    return getattr(request, "username", None) or f"session {request.session_hash}"
+
+
+def progress_html(job: Job, ahead: int | None = None) -> str:
+    """The job's progress bar, or its place in the queue while `ahead` jobs run before it."""
     if job.finished:
         return ""
+    if ahead is not None:
+        jobs = "1 job" if ahead == 1 else f"{ahead} jobs"
+        return f'<div class="progress-text">Queued: {jobs} ahead</div>'
     eta = job.eta
     eta_text = f", ETA {eta:.0f}s" if eta is not None else ""
     percent = round(job.progress * 100)
@@ -77,15 +88,24 @@ def run_with_progress(ctx, job: Job, fn, *args):
     """Generator for Gradio handlers: yields ('progress', job) while fn runs, then ('done', result).
 
     The job queue runs fn on its worker thread, so the UI stays responsive and Interrupt/Skip
-    (which only flip flags on the job) take effect at the next step.
+    (which only flip flags on the job) take effect at the next step. While the job waits, the
+    progress says how many run before it; when the browser goes away (Gradio closes this
+    generator), a job that has not started is taken out of the queue.
     """
-    future = ctx.jobs.submit(job, fn, ctx, *args)
+    try:
+        future = ctx.jobs.submit(job, fn, ctx, *args)
+    except QueueFull as e:
+        raise gr.Error(str(e)) from e
     last_preview = -1
-    while not future.done():
-        time.sleep(POLL_SECONDS)
-        preview = job.preview if job.preview_id != last_preview else None
-        last_preview = job.preview_id
-        yield "progress", (job, preview)
+    try:
+        while not future.done():
+            time.sleep(POLL_SECONDS)
+            preview = job.preview if job.preview_id != last_preview else None
+            last_preview = job.preview_id
+            yield "progress", (job, preview, ctx.jobs.ahead_of(job))
+    except GeneratorExit:
+        ctx.jobs.cancel(job)
+        raise
     error = future.exception()
     if error is not None:
         raise gr.Error(error_message(error))
@@ -127,8 +147,8 @@ class OutputPanel:
         result (for `result = yield from panel.stream(...)`)."""
         for kind, payload in run_with_progress(ctx, job, fn, *args):
             if kind == "progress":
-                job_now, new_preview = payload
-                yield {self.progress: progress_html(job_now)} | (
+                job_now, new_preview, ahead = payload
+                yield {self.progress: progress_html(job_now, ahead)} | (
                     {self.preview: gr.update(value=new_preview, visible=True)} if new_preview is not None else {}
                 )
             else:
@@ -189,11 +209,22 @@ class SeedRow:
 
 
 def wire_generation(ctx, run, inputs: list, out: OutputPanel, area: PromptArea, seed: SeedRow) -> None:
-    """The buttons every generating tab has: Generate (and Enter in the prompt) runs `run`,
-    Interrupt and Skip reach the running job, the dice and recycle buttons set the seed."""
-    area.generate.click(run, inputs=inputs, outputs=out.components, concurrency_limit=None)
-    area.prompt.submit(run, inputs=inputs, outputs=out.components, concurrency_limit=None)
-    area.interrupt.click(lambda: ctx.jobs.interrupt(), queue=False)
-    area.skip.click(lambda: ctx.jobs.skip(), queue=False)
+    """The buttons every generating tab has: Generate (and Enter in the prompt) runs
+    `run(*values, owner=...)` for the caller, Interrupt and Skip reach the caller's own running
+    job, the dice and recycle buttons set the seed."""
+
+    def generate(request: gr.Request, *values):
+        yield from run(*values, owner=owner_of(request))
+
+    def interrupt(request: gr.Request):
+        ctx.jobs.interrupt(owner_of(request))
+
+    def skip(request: gr.Request):
+        ctx.jobs.skip(owner_of(request))
+
+    area.generate.click(generate, inputs=inputs, outputs=out.components, concurrency_limit=None)
+    area.prompt.submit(generate, inputs=inputs, outputs=out.components, concurrency_limit=None)
+    area.interrupt.click(interrupt, queue=False)
+    area.skip.click(skip, queue=False)
     seed.random_seed.click(lambda: -1, outputs=seed.seed, queue=False)
     seed.reuse_seed.click(lambda s: s, inputs=out.last_seed, outputs=seed.seed, queue=False)

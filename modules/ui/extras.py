@@ -83,7 +83,7 @@ def build(ctx) -> PasteTarget:
         job = Job(description="extras")
         for kind, payload in run_with_progress(ctx, job, extras.run, request, inputs, folder or None):
             if kind == "progress":
-                yield {progress: progress_html(payload[0])}
+                yield {progress: progress_html(payload[0], payload[2])}
             else:
                 lines = [*(f"⚠ {p}" for p in problems), *payload.infotexts[:1]]
                 yield {

@@ -151,7 +151,7 @@ def build(ctx, checkpoint: gr.Dropdown) -> tuple[PasteTarget, PasteTarget]:
             request_fields.update(options.outpaint_fields(int(v[out_pixels]), int(v[out_blur]), v[out_content], v[out_directions]))
         return Img2ImgRequest(**request_fields)
 
-    def run(v: dict):
+    def run(v: dict, owner: str = "local"):
         try:
             request = make_request(v)
             if v[source] != 3:
@@ -159,12 +159,12 @@ def build(ctx, checkpoint: gr.Dropdown) -> tuple[PasteTarget, PasteTarget]:
         except (RequestError, TypeError, ValueError) as e:
             raise gr.Error(str(e))
         if v[source] == 3:
-            result = yield from out.stream(ctx, Job(description="img2img batch"), img2img_batch.run_folder,
+            result = yield from out.stream(ctx, Job(description="img2img batch", owner=owner), img2img_batch.run_folder,
                                            request, v[input_dir], v[output_dir], v[mask_dir])
             if result.skipped:
                 gr.Warning("Skipped: " + "; ".join(result.skipped))
         else:
-            yield from out.stream(ctx, Job(description="img2img"), pipeline.generate, request)
+            yield from out.stream(ctx, Job(description="img2img", owner=owner), pipeline.generate, request)
 
     wire_generation(ctx, run, inputs, out, area, seed_row)
 

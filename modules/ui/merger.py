@@ -57,7 +57,7 @@ def build(ctx, checkpoint: gr.Dropdown) -> None:
         job = Job(description="checkpoint merger")
         for kind, payload in run_with_progress(ctx, job, merger.merge, request):
             if kind == "progress":
-                yield {progress: progress_html(payload[0])}
+                yield {progress: progress_html(payload[0], payload[2])}
             else:
                 yield {progress: "", result: f"<p>Saved <b>{html.escape(payload.name)}</b> in {html.escape(str(payload.parent))}.</p>"}
 

@@ -90,9 +90,9 @@ def build(ctx) -> None:
         job = Job(description="train embedding")
         for kind, payload in run_with_progress(ctx, job, ti.train_in_app, options):
             if kind == "progress":
-                job_now, image = payload
+                job_now, image, ahead = payload
                 status = html.escape(job_now.status) if job_now.status else ""
-                yield {progress: progress_html(job_now), train_status: status} | ({preview: image} if image is not None else {})
+                yield {progress: progress_html(job_now, ahead), train_status: status} | ({preview: image} if image is not None else {})
             else:
                 yield {progress: "", train_status: result_text(payload)}
 

@@ -74,12 +74,12 @@ def build(ctx, checkpoint: gr.Dropdown) -> dict:
               "hr_scale": hr_scale, "hr_resize_x": hr_resize_x, "hr_resize_y": hr_resize_y,
               "refiner_checkpoint": refiner, "refiner_switch_at": refiner_switch_at}
 
-    def run(*values):
+    def run(*values, owner: str = "local"):
         try:
             request = GenerationRequest(**form_fields(GenerationRequest, dict(zip(fields, values)))).validate()
         except (RequestError, TypeError, ValueError) as e:
             raise gr.Error(str(e))
-        yield from out.stream(ctx, Job(description="txt2img"), pipeline.generate, request)
+        yield from out.stream(ctx, Job(description="txt2img", owner=owner), pipeline.generate, request)
 
     hr_size_inputs = [width, height, hr_scale, hr_resize_x, hr_resize_y]
 

@@ -1,0 +1,94 @@
+"""Jobs over the API belong to their caller: interrupt and progress reach only the caller's own,
+the queue takes owners in turns and refuses past --queue-size with 429."""
+
+import base64
+import threading
+import time
+
+import pytest
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
+
+from modules.api import routes
+from modules.generation import pipeline
+from modules.service.auth import Credentials, SignIn, Throttle
+from modules.service.jobs import JobQueue
+
+BODY = {"prompt": "a red circle", "steps": 2, "width": 64, "height": 64}
+
+
+def basic(user: str) -> dict[str, str]:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:pw".encode()).decode()}
+
+
+class HeldGeneration:
+    """Stands in for pipeline.generate: each job records its prompt, then holds until released or
+    interrupted, so that others queue behind it."""
+
+    def __init__(self, generate):
+        self.generate = generate
+        self.started, self.release, self.order = threading.Event(), threading.Event(), []
+
+    def __call__(self, ctx, request, job=None, save=None):
+        self.order.append(request.prompt)
+        self.started.set()
+        while not self.release.is_set() and not job.interrupted:
+            time.sleep(0.01)
+        return self.generate(ctx, request.replace(steps=1), job=job, save=False)
+
+
+@pytest.fixture
+def client(ctx, monkeypatch):
+    ctx.jobs = JobQueue(max_waiting=3)
+    held = HeldGeneration(pipeline.generate)
+    monkeypatch.setattr(pipeline, "generate", held)
+    app = FastAPI()
+    routes.install(app, ctx, SignIn(Credentials([("ann", "pw"), ("bob", "pw")], "--api-auth"), Throttle()))
+    return TestClient(app), held
+
+
+def in_background(call) -> threading.Thread:
+    thread = threading.Thread(target=call, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_interrupt_and_progress_are_the_callers_own(client):
+    http, held = client
+    answers = {}
+    thread = in_background(lambda: answers.update(ann=http.post("/sdapi/v1/txt2img", json=BODY, headers=basic("ann"))))
+    assert held.started.wait(10)
+    progress = http.get("/sdapi/v1/progress", headers=basic("bob")).json()
+    assert progress["state"]["job_count"] == 0 and progress["current_image"] is None  # bob sees nothing of ann's
+    assert http.get("/sdapi/v1/progress", headers=basic("ann")).json()["state"]["job"] == "txt2img (api)"
+    http.post("/sdapi/v1/interrupt", headers=basic("bob"))
+    time.sleep(0.2)
+    assert thread.is_alive()  # bob's interrupt did not touch ann's job
+    http.post("/sdapi/v1/interrupt", headers=basic("ann"))
+    thread.join(20)
+    assert answers["ann"].status_code == 200
+
+
+def test_owners_take_turns_and_a_full_queue_refuses_with_429(client):
+    http, held = client
+    answers = []
+
+    def send(user, prompt):
+        answers.append(http.post("/sdapi/v1/txt2img", json={**BODY, "prompt": prompt}, headers=basic(user)))
+
+    threads = [in_background(lambda: send("ann", "ann 0"))]
+    assert held.started.wait(10)
+    for i in (1, 2):
+        threads.append(in_background(lambda i=i: send("ann", f"ann {i}")))
+        time.sleep(0.2)  # in this order
+    threads.append(in_background(lambda: send("bob", "bob 0")))
+    time.sleep(0.2)
+    waiting = http.get("/sdapi/v1/progress", headers=basic("bob")).json()
+    assert waiting["textinfo"] == "Queued: 2 jobs ahead"  # ann's running job and her next one
+    refused = http.post("/sdapi/v1/txt2img", json=BODY, headers=basic("bob"))
+    assert refused.status_code == 429 and "queue is full" in refused.json()["detail"]
+    held.release.set()
+    for thread in threads:
+        thread.join(30)
+    assert [a.status_code for a in answers] == [200] * 4
+    assert held.order == ["ann 0", "ann 1", "bob 0", "ann 2"]
