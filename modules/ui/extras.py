@@ -8,7 +8,7 @@ import gradio as gr
 
 from modules.postprocess import extras
 from modules.service.jobs import Job
-from modules.ui.common import progress_html, run_with_progress
+from modules.ui.common import owner_of, progress_html, run_with_progress
 from modules.ui.paste import PasteTarget
 
 SOURCES = ("single", "batch", "directory")
@@ -67,7 +67,8 @@ def build(ctx) -> PasteTarget:
             return extras.read_inputs(files)
         return extras.directory_inputs(ctx.paths, input_dir or "")
 
-    def run(source, image, files, input_dir, output_dir, resize_mode, scale, width, height, crop, upscaler_1, upscaler_2, visibility):
+    def run(source, image, files, input_dir, output_dir, resize_mode, scale, width, height, crop, upscaler_1, upscaler_2, visibility,
+            http: gr.Request):
         try:
             request = extras.ExtrasRequest(
                 resize_mode=int(resize_mode), upscaling_resize=float(scale),
@@ -80,7 +81,7 @@ def build(ctx) -> PasteTarget:
         if not inputs:
             raise gr.Error("; ".join(problems) or "no picture given")
         folder = (output_dir or "").strip() if source == "directory" else ""
-        job = Job(description="extras")
+        job = Job(description="extras", owner=owner_of(http))
         for kind, payload in run_with_progress(ctx, job, extras.run, request, inputs, folder or None):
             if kind == "progress":
                 yield {progress: progress_html(payload[0], payload[2])}

@@ -9,7 +9,7 @@ import gradio as gr
 
 from modules.models import merger
 from modules.service.jobs import Job
-from modules.ui.common import progress_html, run_with_progress
+from modules.ui.common import owner_of, progress_html, run_with_progress
 
 
 def build(ctx, checkpoint: gr.Dropdown) -> None:
@@ -46,7 +46,7 @@ def build(ctx, checkpoint: gr.Dropdown) -> None:
             progress = gr.HTML(elem_id="modelmerger_progress")
             result = gr.HTML(elem_id="modelmerger_result")
 
-    def run(a, b, c, name_value, m, method, fmt, half, vae, discard_value):
+    def run(a, b, c, name_value, m, method, fmt, half, vae, discard_value, http: gr.Request):
         request = merger.MergeRequest(
             primary=a or "", secondary=b or None, tertiary=c or None, interpolation=method, multiplier=float(m),
             name=name_value or "", checkpoint_format=fmt, save_as_half=bool(half), bake_in_vae=vae or "None",
@@ -54,7 +54,7 @@ def build(ctx, checkpoint: gr.Dropdown) -> None:
         )
         if not request.primary:
             raise gr.Error("choose the primary model (A)")
-        job = Job(description="checkpoint merger")
+        job = Job(description="checkpoint merger", owner=owner_of(http))
         for kind, payload in run_with_progress(ctx, job, merger.merge, request):
             if kind == "progress":
                 yield {progress: progress_html(payload[0], payload[2])}

@@ -9,7 +9,7 @@ import gradio as gr
 from modules.service.jobs import Job
 from modules.training import textual_inversion as ti
 from modules.training.ti_dataset import LATENT_SAMPLING
-from modules.ui.common import progress_html, run_with_progress
+from modules.ui.common import owner_of, progress_html, run_with_progress
 
 DEFAULT_TEMPLATE = "subject_filewords.txt"
 
@@ -69,7 +69,7 @@ def build(ctx) -> None:
         return f"Created `{path.name}` ({count} vector{'s' if count > 1 else ''}).", gr.update(choices=names, value=path.stem)
 
     def on_train(embedding, learn_rate, batch_size, gradient_steps, dataset, template, size, steps, save_every,
-                 preview_every, shuffle_tags, tag_dropout, latent_sampling):
+                 preview_every, shuffle_tags, tag_dropout, latent_sampling, http: gr.Request):
         if not embedding:
             raise gr.Error("Choose an embedding to train, or create one first.")
         if not (dataset or "").strip():
@@ -87,7 +87,7 @@ def build(ctx) -> None:
             ctx.paths.server_folder(options.dataset, "Dataset directory")  # refused before the job waits in the queue
         except (ValueError, TypeError) as e:
             raise gr.Error(str(e))
-        job = Job(description="train embedding")
+        job = Job(description="train embedding", owner=owner_of(http))
         for kind, payload in run_with_progress(ctx, job, ti.train_in_app, options):
             if kind == "progress":
                 job_now, image, ahead = payload
@@ -102,4 +102,7 @@ def build(ctx) -> None:
     train.click(on_train, inputs=[embedding, learn_rate, batch_size, gradient_steps, dataset, template, size, steps,
                                   save_every, preview_every, shuffle_tags, tag_dropout, latent_sampling],
                 outputs=[progress, preview, train_status], concurrency_limit=None)
-    interrupt.click(lambda: ctx.jobs.interrupt(), queue=False)
+    def on_interrupt(http: gr.Request):
+        ctx.jobs.interrupt(owner_of(http))
+
+    interrupt.click(on_interrupt, queue=False)
