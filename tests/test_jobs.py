@@ -105,3 +105,16 @@ def test_an_error_reaches_the_caller_and_the_queue_goes_on():
     with pytest.raises(ValueError, match="bad input"):
         queue.run(Job(), fails)
     assert queue.run(Job(), record([]), "next") == "next"
+
+
+def test_interrupting_an_owner_with_only_waiting_jobs_takes_them_out():
+    queue, gate = JobQueue(), Gate()
+    queue.submit(Job(owner="a"), gate)
+    assert gate.started.wait(10)
+    waiting = queue.submit(Job(owner="b"), record([]), "b")
+    other = queue.submit(Job(owner="c"), record([]), "c")
+    assert queue.interrupt("b")
+    with pytest.raises(JobCancelled):
+        waiting.result(10)
+    gate.release.set()
+    assert other.result(10) == "c"

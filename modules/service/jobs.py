@@ -174,11 +174,13 @@ class JobQueue:
         return job
 
     def interrupt(self, owner: str | None = None) -> bool:
-        """Interrupts the running job if it is `owner`'s (anyone's when owner is None)."""
+        """Interrupts the running job if it is `owner`'s (anyone's when owner is None). An owner
+        whose jobs all still wait has them taken out of the queue instead."""
         job = self._running_of(owner)
         if job is not None:
             job.interrupt()
-        return job is not None
+            return True
+        return owner is not None and any([self.cancel(waiting) for waiting in self.jobs_of(owner)])
 
     def skip(self, owner: str | None = None) -> bool:
         """Skips the running job's current batch if it is `owner`'s (anyone's when owner is None)."""
