@@ -32,7 +32,7 @@ from modules.app.config import Flags  # noqa: E402
 from modules.generation import pipeline  # noqa: E402
 from modules.generation.request import GenerationRequest  # noqa: E402
 from modules.models.detect import sd15_spec  # noqa: E402
-from modules.models.memory import DevicePolicy, place  # noqa: E402
+from modules.models.memory import DTYPES, DevicePolicy, place  # noqa: E402
 from modules.models.sd_model import SDModel  # noqa: E402
 from modules.models.unet import UNetModel  # noqa: E402
 from tests.reference_models import diffusers_unet  # noqa: E402
@@ -129,7 +129,7 @@ def whole_picture(model: SDModel, policy: DevicePolicy, steps: int) -> None:
 
 
 def builtin_model(policy: DevicePolicy, n: int, steps: int) -> None:
-    precisions = {"float32": "fp32", str(policy.dtype)[6:]: {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(policy.dtype, "fp32")}
+    precisions = {"float32": "fp32", str(policy.dtype)[6:]: next(k for k, v in DTYPES.items() if v == policy.dtype)}
     print(f"4. Built-in model, {n} prompts in each of the sets {', '.join(map(str, builtin.FRESH_SEEDS))} (chose nothing), {steps} steps")
     pictures, per_image = {}, {}
     for name, precision in precisions.items():

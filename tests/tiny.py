@@ -20,7 +20,7 @@ import math
 import torch
 from torch import nn
 
-from modules.models.detect import LAYOUTS, ModelSpec, TextEncoderSpec
+from modules.models.detect import LAYOUTS, ModelSpec, TextEncoderSpec, family_spec
 from modules.models.sd_model import SDModel
 from modules.models.text_encoders import OpenCLIPTextModel
 
@@ -76,16 +76,12 @@ TINY_FAMILIES = {
 
 
 def tiny_family_spec(family: str, inpainting: bool = False, **overrides) -> ModelSpec:
-    """A tiny model of `family` (a key of detect.LAYOUTS) with that family's defaults."""
-    layout = LAYOUTS[family]
+    """A tiny model of `family` (a key of detect.LAYOUTS) with that family's defaults, 64 px."""
     sizes = TINY_FAMILIES[family]
-    unet = dict(TINY_UNET, in_channels=9 if inpainting else 4, **sizes["unet"])
-    if layout.head_channels != -1:
-        unet.update(num_head_channels=8)
-    spec = ModelSpec(family=f"{family} inpainting" if inpainting else family, unet=unet, vae=dict(TINY_VAE),
-                     text=layout.text_specs(sizes["text"]),
-                     prediction=layout.prediction, scale_factor=layout.scale_factor, resolution=64, vector=layout.vector)
-    return dataclasses.replace(spec, **overrides)
+    spec = family_spec(family, dict(TINY_UNET, **sizes["unet"]), sizes["text"], TINY_VAE, inpainting)
+    if LAYOUTS[family].head_channels != -1:  # heads 8 wide, so that the tiny widths hold several
+        spec = dataclasses.replace(spec, unet=dict(spec.unet, num_head_channels=8))
+    return dataclasses.replace(spec, resolution=64, **overrides)
 
 
 def tiny_family_model(family: str, seed: int = 0, inpainting: bool = False, **overrides) -> SDModel:

@@ -65,8 +65,8 @@ class Refiner:
     its own embeddings table and offload context."""
 
     model: object
-    embeddings: object = None
-    using: Callable[[str], contextlib.AbstractContextManager] = _no_offload
+    embeddings: object  # its EmbeddingTable
+    using: Callable[[str], contextlib.AbstractContextManager]
 
 
 def check_refiner(sd_model, refiner_model) -> None:

@@ -78,10 +78,6 @@ class ModelSpec:
     vector: str | None = None
     ztsnr: bool = False  # trained with a zero-terminal-SNR noise schedule
 
-    @property
-    def is_inpainting(self) -> bool:
-        return self.unet["in_channels"] != self.unet["out_channels"]
-
 
 # ---- the supported layouts ------------------------------------------------------------------------
 
@@ -321,18 +317,24 @@ def _supported(layout: Layout) -> Callable[[Shapes, Mapping[str, str], Mapping],
     return build
 
 
+def family_spec(family: str, unet: dict[str, Any], text: Sequence[dict[str, Any]], vae: dict[str, Any],
+                inpainting: bool = False) -> ModelSpec:
+    """A model of `family` (a key of LAYOUTS) with these sizes (the UNet's without its input
+    channels, one dict per text encoder) and the family's defaults, as detection gives them."""
+    layout = LAYOUTS[family]
+    spec = ModelSpec(family=family, unet=dict(unet, in_channels=9 if inpainting else 4) | layout.heads, vae=dict(vae),
+                     text=layout.text_specs(text), prediction=layout.prediction, scale_factor=layout.scale_factor,
+                     resolution=layout.resolution, vector=layout.vector)
+    if inpainting:
+        spec = replace(spec, family=f"{family} inpainting", **INPAINTING_DEFAULTS.get(family, {}))
+    return spec
+
+
 def full_size_spec(family: str, inpainting: bool = False) -> ModelSpec:
     """The spec of a family's released full-size model (SD 1.5, SD 2.1-v, SDXL base 1.0, SDXL
     refiner 1.0), from FULL_SIZES, for benchmarks and key-list tests."""
     sizes = FULL_SIZES[family]
-    layout = LAYOUTS[family]
-    unet = dict(sizes["unet"], in_channels=9 if inpainting else 4) | layout.heads
-    spec = ModelSpec(family=family, unet=unet, vae=dict(SD_VAE), text=layout.text_specs(sizes["text"]),
-                     prediction=layout.prediction, scale_factor=layout.scale_factor, resolution=layout.resolution,
-                     vector=layout.vector)
-    if inpainting:
-        spec = replace(spec, family=f"{family} inpainting", **INPAINTING_DEFAULTS.get(family, {}))
-    return spec
+    return family_spec(family, sizes["unet"], sizes["text"], SD_VAE, inpainting)
 
 
 def sd15_spec() -> ModelSpec:

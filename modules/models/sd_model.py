@@ -189,9 +189,10 @@ class SDModel(nn.Module):
         [n, text_width]): textual-inversion vectors put in place of token embeddings, each
         encoder taking its own slice of their width."""
         widths = [e.width for e in self.spec.text]
+        parts = [(row, position, vectors.split(widths, dim=1)) for row, position, vectors in replace]
         contexts, pooled = [], None
         for index, (encoder, spec) in enumerate(zip(self.text_encoders, self.spec.text)):
-            placed = [(row, position, vectors.split(widths, dim=1)[index]) for row, position, vectors in replace]
+            placed = [(row, position, split[index]) for row, position, split in parts]
             if spec.pooled:
                 hidden, pooled = encoder(tokens, clip_skip, placed, pooled=True)
             else:

@@ -196,8 +196,8 @@ class OpenCLIPTextEncoder(nn.Module):
         holds the padding token."""
         if self.pad_id == EOS_ID:
             return tokens
-        after_end = (tokens == EOS_ID).int().cumsum(dim=1) - (tokens == EOS_ID).int() > 0
-        return tokens.masked_fill(after_end, self.pad_id)
+        ends = (tokens == EOS_ID).int()
+        return tokens.masked_fill(ends.cumsum(dim=1) - ends > 0, self.pad_id)
 
     def forward(self, tokens: torch.Tensor, clip_skip: int = 1, replace: Sequence[Replacement] = (),
                 pooled: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
