@@ -399,3 +399,17 @@ def test_sdxl_with_its_refiner_in_half_precision_and_the_low_vram_modes(family_c
         pictures[mode] = pixels(result.images[0])
     assert np.abs(pictures["medvram"] - pictures["default"]).max() <= 2
     assert np.abs(pictures["lowvram"] - pictures["default"]).max() <= 2
+
+
+def test_a_broken_config_beside_a_checkpoint_is_named_and_nothing_else_breaks(family_ctx, tmp_path):
+    folder = family_ctx.paths.checkpoints
+    save_checkpoint(tiny_family_model("SD2", seed=5), folder / "sd2-broken.safetensors")
+    (folder / "sd2-broken.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(loader.CheckpointError, match=r"sd2-broken\.yaml: not a readable config"):
+        family_ctx.models.get("sd2-broken")
+    (folder / "sd2-broken.yaml").write_text("- just\n- a list\n")
+    with pytest.raises(loader.CheckpointError, match=r"sd2-broken\.yaml: holds a list"):
+        family_ctx.models.get("sd2-broken")
+    assert "Model: xl" in txt2img(family_ctx, "xl").infotexts[0]  # the server goes on with other models
+    for suffix in (".safetensors", ".yaml"):
+        (folder / f"sd2-broken{suffix}").unlink()
