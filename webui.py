@@ -25,7 +25,7 @@ from modules.ui import png_info as png_info_tab
 from modules.ui import settings as settings_tab
 from modules.ui import train as train_tab
 from modules.ui import txt2img as txt2img_tab
-from modules.ui.common import error_message
+from modules.ui.common import error_message, user_of
 from modules.ui.paste import PasteTarget
 
 log = logging.getLogger("webui")
@@ -40,19 +40,13 @@ LOGIN_MESSAGE = (f"After {auth.Throttle.LIMIT} wrong passwords within {auth.Thro
                  "sign-in from that address pauses for a while.")
 
 
-def model_resolution(ctx: AppContext, name: str | None) -> int | None:
-    """Loads the checkpoint and returns its native resolution, or None (with the reason logged) if it cannot be loaded."""
-    try:
-        return ctx.models.get(name).spec.resolution
-    except Exception as e:  # a broken file must not stop the UI from starting
-        log.error("could not load checkpoint %s: %s", name or "(default)", error_message(e))
-        return None
-
-
 def build_ui(ctx: AppContext) -> gr.Blocks:
     default = ctx.models.default_checkpoint()
-    if default:
-        model_resolution(ctx, default.title)  # load at start, as users expect, so the first Generate is quick
+    if default:  # loaded before the server takes jobs, so that the first Generate is quick
+        try:
+            ctx.models.get(default.title)
+        except Exception as e:  # a broken file must not stop the UI from starting
+            log.error("could not load checkpoint %s: %s", default.title, error_message(e))
     with gr.Blocks(title="Stable Diffusion") as demo:
         with gr.Row():
             checkpoint = gr.Dropdown(
@@ -76,7 +70,7 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
             with gr.Tab("Checkpoint Merger", id="modelmerger"):
                 merger_tab.build(ctx, checkpoint)
             with gr.Tab("Train", id="train"):
-                train_tab.build(ctx)
+                train_tab.build(ctx, checkpoint)
             with gr.Tab("Settings", id="settings"):
                 settings_tab.build(ctx)
 
@@ -84,20 +78,29 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
             titles = [c.title for c in ctx.models.checkpoints()]
             return gr.update(choices=titles, value=current if current in titles else (titles[0] if titles else None))
 
-        def on_select(name):
-            size = model_resolution(ctx, name)
-            if size is None:
-                return gr.update(), gr.update(), f"⚠ Could not load **{name}**; see the console for the reason."
-            ctx.update_settings(sd_model_checkpoint=ctx.models.selected)
-            return size, size, ""
+        def native_size(name: str | None) -> tuple:
+            spec = ctx.models.spec_of(name)
+            return (spec.resolution, spec.resolution) if spec else (gr.update(), gr.update())
+
+        def on_select(name, http: gr.Request):
+            """The caller's own choice: their jobs name it, and the first of them loads it in the queue."""
+            try:
+                title = ctx.models.find_checkpoint(name).title
+            except LookupError as e:
+                return gr.update(), gr.update(), f"⚠ {error_message(e)}"
+            ctx.preferences.choose(user_of(http), sd_model_checkpoint=title)
+            return *native_size(title), ""
+
+        def on_load(http: gr.Request):
+            """A returning user finds their own checkpoint chosen, with its native size."""
+            chosen = ctx.preferences.of(user_of(http)).get("sd_model_checkpoint")
+            titles = [c.title for c in ctx.models.checkpoints()]
+            title = chosen if chosen in titles else (default.title if default else None)
+            return gr.update(value=title), *native_size(title)
 
         refresh.click(on_refresh, inputs=checkpoint, outputs=checkpoint, queue=False)
-        checkpoint.input(on_select, inputs=checkpoint, outputs=[fields["width"], fields["height"], model_status])
-        def on_load():
-            size = ctx.models.loaded_resolution()
-            return (size, size) if size else (gr.update(), gr.update())
-
-        demo.load(on_load, outputs=[fields["width"], fields["height"]], queue=False)
+        checkpoint.input(on_select, inputs=checkpoint, outputs=[fields["width"], fields["height"], model_status], queue=False)
+        demo.load(on_load, outputs=[checkpoint, fields["width"], fields["height"]], queue=False)
     return demo
 
 

@@ -11,6 +11,7 @@ from modules.networks.lora import LoraLibrary
 from modules.postprocess.upscalers import Tiling, Upscalers
 from modules.prompting.styles import StyleLibrary
 from modules.service.jobs import JobQueue
+from modules.service.preferences import Preferences
 
 
 @dataclass
@@ -24,6 +25,7 @@ class AppContext:
     styles: StyleLibrary
     upscalers: Upscalers
     jobs: JobQueue = field(default_factory=JobQueue)
+    preferences: Preferences = field(default_factory=Preferences)
 
     @classmethod
     def create(cls, flags: Flags) -> "AppContext":
@@ -31,7 +33,7 @@ class AppContext:
         for folder in (paths.checkpoints, paths.vae, paths.lora, paths.esrgan, paths.embeddings, paths.outputs):
             folder.mkdir(parents=True, exist_ok=True)
         settings = load_settings(paths.settings_file)
-        models = ModelManager(paths, DevicePolicy.from_flags(flags), selected=flags.ckpt or settings.sd_model_checkpoint)
+        models = ModelManager(paths, DevicePolicy.from_flags(flags), default=flags.ckpt or settings.sd_model_checkpoint)
         upscalers = Upscalers(paths.models, models.policy.device, models.policy.upscaler_dtype)
         return cls(
             flags=flags, paths=paths, settings=settings, models=models,
@@ -40,6 +42,7 @@ class AppContext:
             styles=StyleLibrary(paths.styles_file),
             upscalers=upscalers,
             jobs=JobQueue(max_waiting=flags.queue_size),
+            preferences=Preferences(paths.preferences_file),
         )
 
     @property

@@ -271,7 +271,6 @@ def test_the_refiner_takes_over_at_the_switch(family_ctx, monkeypatch):
     assert f"Refiner: xl-refiner [{refiner_hash}], Refiner switch at: 0.5" in refined.infotexts[0]
     never = txt2img(family_ctx, "xl", refiner_checkpoint="xl-refiner", refiner_switch_at=1.0)
     assert np.array_equal(pixels(never.images[0]), pixels(plain.images[0]))
-    assert family_ctx.models.selected == "xl.safetensors"  # the refiner did not become the selection
 
 
 def test_a_refiner_of_another_latent_space_is_refused(family_ctx):

@@ -26,11 +26,14 @@ def basic_credentials(header: str) -> tuple[str, str] | None:
     return (user, password) if colon else None
 
 
+def signed_in(request) -> str | None:
+    """The user an API request (a Starlette Request) signed in as; None without --api-auth."""
+    return getattr(request.state, "api_user", None)
+
+
 def caller(request) -> str:
-    """Whose jobs an API request makes (a Starlette Request): the signed-in user, else the
-    client's address."""
-    user = getattr(request.state, "api_user", None)
-    return user or f"api {request.client.host if request.client else 'unknown'}"
+    """Whose jobs an API request makes: the signed-in user, else the client's address."""
+    return signed_in(request) or f"api {request.client.host if request.client else 'unknown'}"
 
 
 class BasicAuth:

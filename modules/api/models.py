@@ -73,6 +73,7 @@ class GenerationApiFields(RequestBody):
 
     sampler_index: str | None = None  # older clients put the sampler name here
     override_settings: dict[str, Any] = Field(default_factory=dict)
+    override_settings_restore_afterwards: bool = True  # False: they become the caller's own choices
     send_images: bool = True
     save_images: bool = False
 

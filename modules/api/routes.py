@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -13,9 +14,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modules.api import models as api
 from modules.api import postprocessing, training
-from modules.api.auth import BasicAuth, caller
+from modules.api.auth import BasicAuth, caller, signed_in
 from modules.api.images import decode_bytes, encode_png
 from modules.app.errors import RequestError
+from modules.app.fields import limits
 from modules.generation import options, pipeline
 from modules.generation.request import GenerationRequest, Img2ImgRequest
 from modules.images import image_info
@@ -34,12 +36,12 @@ OVERRIDES = {
 }
 
 
-def request_from_body(body: api.Txt2ImgBody) -> GenerationRequest:
-    return GenerationRequest(**_generation_fields(body))
+def request_from_body(body: api.Txt2ImgBody, chosen: dict | None = None) -> GenerationRequest:
+    return GenerationRequest(**_generation_fields(body, chosen or {}))
 
 
-def img2img_request_from_body(body: api.Img2ImgBody) -> Img2ImgRequest:
-    fields = _generation_fields(body)
+def img2img_request_from_body(body: api.Img2ImgBody, chosen: dict | None = None) -> Img2ImgRequest:
+    fields = _generation_fields(body, chosen or {})
     if "mask_blur" not in body.model_fields_set:
         across, down = (Img2ImgRequest.mask_blur if blur is None else blur for blur in (body.mask_blur_x, body.mask_blur_y))
         if across != down:
@@ -53,34 +55,42 @@ def img2img_request_from_body(body: api.Img2ImgBody) -> Img2ImgRequest:
     return Img2ImgRequest(**fields)
 
 
-def _generation_fields(body: api.GenerationApiFields) -> dict:
-    """The request fields of a /txt2img or /img2img body, with what override_settings sets."""
+def _generation_fields(body: api.GenerationApiFields, chosen: dict) -> dict:
+    """The request fields of a /txt2img or /img2img body, with what the caller's own `chosen`
+    options (POST /options) and, over them, the body's override_settings set."""
     fields = body.request_fields()
     if not body.sampler_name or "sampler_name" not in body.model_fields_set:  # older clients name it sampler_index
         fields["sampler_name"] = body.sampler_index or GenerationRequest.sampler_name
-    for key, value in body.override_settings.items():
+    for key, value in _normalized({**chosen, **body.override_settings}).items():
         if key in OVERRIDES:
             fields[OVERRIDES[key]] = value
-    if isinstance(fields.get("noise_source"), str):
-        fields["noise_source"] = fields["noise_source"].upper()
     return fields
+
+
+def _normalized(options: dict) -> dict:
+    """A1111 clients write the noise source in either case."""
+    source = options.get("randn_source")
+    return {**options, "randn_source": source.upper()} if isinstance(source, str) else options
 
 
 def create_router(ctx) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1")
 
-    def run(make_request, body: api.GenerationApiFields, parameters: dict, owner: str):
+    def run(make_request, body: api.GenerationApiFields, parameters: dict, http: Request):
+        user = signed_in(http)
         try:
-            request = make_request(body).validate()
+            request = make_request(body, ctx.preferences.of(user)).validate()
         except (RequestError, TypeError) as e:
             raise HTTPException(422, str(e))
         try:
-            job = Job(description=f"{request.mode} (api)", owner=owner)
+            job = Job(description=f"{request.mode} (api)", owner=caller(http))
             result = ctx.jobs.run(job, pipeline.generate, ctx, request, save=body.save_images)
         except LookupError as e:
             raise HTTPException(404, str(e))
         except ValueError as e:
             raise HTTPException(422, str(e))
+        if not body.override_settings_restore_afterwards:  # only overrides that made a picture
+            ctx.preferences.choose(user, **{k: v for k, v in body.override_settings.items() if k in OVERRIDES})
         info = {
             "prompt": result.request.prompt,
             "negative_prompt": result.request.negative_prompt,
@@ -101,13 +111,13 @@ def create_router(ctx) -> APIRouter:
 
     @router.post("/txt2img", response_model=api.ImagesResponse)
     def txt2img(body: api.Txt2ImgBody, http: Request):
-        return run(request_from_body, body, body.model_dump(), caller(http))
+        return run(request_from_body, body, body.model_dump(), http)
 
     @router.post("/img2img", response_model=api.ImagesResponse)
     def img2img_route(body: api.Img2ImgBody, http: Request):
         # As A1111: the (large) pictures are echoed back only when asked for.
         parameters = body.model_dump(exclude=set() if body.include_init_images else {"init_images", "mask"})
-        return run(img2img_request_from_body, body, parameters, caller(http))
+        return run(img2img_request_from_body, body, parameters, http)
 
     @router.get("/samplers", response_model=list[api.SamplerItem])
     def samplers():
@@ -130,18 +140,33 @@ def create_router(ctx) -> APIRouter:
         return {"checkpoints": [c.title for c in ctx.models.checkpoints()]}
 
     @router.get("/options")
-    def get_options():
-        return {"sd_model_checkpoint": ctx.models.selected, "CLIP_stop_at_last_layers": 1, "randn_source": ctx.settings.noise_source}
+    def get_options(http: Request):
+        """The per-request options as the caller's requests get them: their own choices, else
+        the server's defaults."""
+        default = ctx.models.default_checkpoint()
+        return {"sd_model_checkpoint": default.title if default else None,
+                "CLIP_stop_at_last_layers": GenerationRequest.clip_skip, "randn_source": ctx.settings.noise_source,
+                "inpainting_mask_weight": Img2ImgRequest.inpainting_mask_weight,
+                **ctx.preferences.of(signed_in(http))}
 
     @router.post("/options")
-    def set_options(options: dict):
-        if "sd_model_checkpoint" in options:
+    def set_options(options: dict, http: Request):
+        """Sets the caller's own choices, nobody else's. A checkpoint is loaded by the first job
+        that uses it, in the queue, never beside a running job."""
+        chosen = _normalized({key: value for key, value in options.items() if key in OVERRIDES})
+        fields = {f.name: f for f in dataclasses.fields(Img2ImgRequest)}
+        for key, value in chosen.items():
+            rule = limits(fields[OVERRIDES[key]])
+            problem = rule.problem(key, value) if rule else None
+            if problem:
+                raise HTTPException(422, problem)
+        if "sd_model_checkpoint" in chosen:
             try:
-                ctx.models.get(str(options["sd_model_checkpoint"]))
+                chosen["sd_model_checkpoint"] = ctx.models.find_checkpoint(str(chosen["sd_model_checkpoint"])).title
             except LookupError as e:
                 raise HTTPException(404, str(e))
-            ctx.update_settings(sd_model_checkpoint=ctx.models.selected)
-        return get_options()
+        ctx.preferences.choose(signed_in(http), **chosen)
+        return get_options(http)
 
     @router.get("/embeddings", response_model=api.EmbeddingsResponse)
     def embeddings():

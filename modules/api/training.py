@@ -7,7 +7,7 @@ from pathlib import Path
 from fastapi import APIRouter, HTTPException, Request
 from pydantic import BaseModel
 
-from modules.api.auth import caller
+from modules.api.auth import caller, signed_in
 from modules.api.models import RequestBody, request_body
 from modules.service.jobs import Job
 from modules.training import textual_inversion as ti
@@ -41,10 +41,17 @@ TrainEmbeddingBody = request_body(
 
 
 def add_routes(router: APIRouter, ctx) -> None:
+    def checkpoint(http: Request) -> str | None:
+        return ctx.preferences.of(signed_in(http)).get("sd_model_checkpoint")
+
     @router.post("/create/embedding")
-    def create_embedding(body: CreateEmbeddingBody):
-        try:
-            path = ti.create_in_app(ctx, body.name, body.init_text, body.num_vectors_per_token, overwrite=body.overwrite_old)
+    def create_embedding(body: CreateEmbeddingBody, http: Request):
+        job = Job(description="create embedding (api)", owner=caller(http))
+        try:  # queued: it may load the checkpoint
+            path = ctx.jobs.run(job, lambda job: ti.create_in_app(ctx, body.name, body.init_text, body.num_vectors_per_token,
+                                                                  overwrite=body.overwrite_old, checkpoint=checkpoint(http)))
+        except LookupError as e:
+            raise HTTPException(404, str(e))
         except ti.TrainingError as e:
             raise HTTPException(422, str(e))
         return {"info": f"create embedding filename: {path}"}
@@ -62,7 +69,10 @@ def add_routes(router: APIRouter, ctx) -> None:
             }).validate()
             # Refused here as well as in train_in_app, so that a folder outside waits for no queue.
             ctx.paths.server_folder(body.data_root, "data_root")
-            result = ctx.jobs.run(Job(description="train embedding (api)", owner=caller(http)), ti.train_in_app, ctx, options)
+            job = Job(description="train embedding (api)", owner=caller(http))
+            result = ctx.jobs.run(job, ti.train_in_app, ctx, options, checkpoint(http))
+        except LookupError as e:
+            raise HTTPException(404, str(e))
         except ValueError as e:
             raise HTTPException(422, str(e))
         return {"info": f"train embedding complete: filename: {result.path} step: {result.step} "

@@ -168,6 +168,10 @@ class Paths:
         return self.root / "config.json"
 
     @property
+    def preferences_file(self) -> Path:
+        return self.root / "user-choices.json"
+
+    @property
     def hash_cache(self) -> Path:
         return self.root / "cache" / "hashes.json"
 

@@ -196,6 +196,7 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
     result = Result(request=request)
 
     # 2. The model and what stays the same for every batch.
+    job.status = "Loading the checkpoint"  # seen only while a job loads one
     sd_model = ctx.models.get(request.checkpoint, ctx.settings.sd_vae)
     checkpoint = sd_model.checkpoint
     model_hash = ctx.models.hash_of(checkpoint)

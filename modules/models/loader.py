@@ -208,6 +208,22 @@ def build_from_state_dict(weights: dict[str, torch.Tensor], metadata: Mapping[st
     return model.eval().requires_grad_(False)
 
 
+def read_spec(path: Path) -> detect.ModelSpec | None:
+    """What a .safetensors checkpoint's header (and its .yaml) imply, without reading a weight;
+    None for a pickled file, whose keys cannot be listed without reading it, or one that fails
+    detection (loading it names the problem)."""
+    path = Path(path)
+    if path.suffix.lower() not in SAFETENSORS_SUFFIXES:
+        return None
+    try:
+        with st.Reader(path) as reader:
+            shapes = {key: entry.shape for key, entry in network_weights(reader.entries).items()}
+            metadata = reader.metadata
+        return detect.detect(shapes, metadata, read_config(path))
+    except (OSError, ValueError):  # CheckpointError, DetectionError and st.FormatError are ValueErrors
+        return None
+
+
 def load_checkpoint(path: Path, vae_path: Path | None = None) -> SDModel:
     """The SDModel of a checkpoint file, with the VAE replaced by `vae_path`'s when given.
     Raises CheckpointError (or detect.DetectionError) naming the file on any problem."""

@@ -17,6 +17,7 @@ import torch
 
 from modules.app.config import Flags, Paths
 from modules.models import loader
+from modules.models.detect import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -137,10 +138,10 @@ class ModelManager:
     """Owns the loaded SDModel (and a refiner's, while jobs use one); loading another checkpoint
     replaces it."""
 
-    def __init__(self, paths: Paths, policy: DevicePolicy, selected: str | None = None) -> None:
+    def __init__(self, paths: Paths, policy: DevicePolicy, default: str | None = None) -> None:
         self.paths = paths
         self.policy = policy
-        self.selected = selected
+        self.default = default  # the server's default checkpoint: --ckpt or the settings file
         log.info("Precision: %s", policy.reason)
         # "main" and "refiner" -> (what was loaded: path, file version, VAE file; the SDModel)
         self._slots: dict[str, tuple[tuple, object]] = {}
@@ -190,9 +191,9 @@ class ModelManager:
         raise LookupError(f"Checkpoint {name!r} not found. Available: {known}")
 
     def default_checkpoint(self) -> CheckpointInfo | None:
-        if self.selected:
+        if self.default:
             with contextlib.suppress(LookupError):
-                return self.find_checkpoint(self.selected)
+                return self.find_checkpoint(self.default)
         found = self.checkpoints()
         return found[0] if found else None
 
@@ -202,10 +203,11 @@ class ModelManager:
     # -- loading -------------------------------------------------------------------------------
 
     def get(self, name: str | None = None, vae_choice: str = "Automatic", *, refiner: bool = False):
-        """The SDModel for `name` (or the selected one) with the chosen VAE, loading it if it is
-        not in memory. The refiner (`refiner=True`) has a place of its own beside the main
-        model, so a job that switches to it does not load either again; it does not change the
-        selected checkpoint."""
+        """The SDModel for `name` (or the server's default) with the chosen VAE, loading it if it
+        is not in memory. The refiner (`refiner=True`) has a place of its own beside the main
+        model, so a job that switches to it does not load either again. Loading never changes
+        the default: each request names its checkpoint. Call it only from a queued job, so that
+        a load never happens beside a running job."""
         info = self.find_checkpoint(name) if name else self.default_checkpoint()
         if info is None:
             raise LookupError("No checkpoint found: put a .safetensors or .ckpt file in models/Stable-diffusion")
@@ -226,9 +228,18 @@ class ModelManager:
                     model.checkpoint = info
                     model.vae_file = vae
                 self._slots[slot] = (key, model)
-            if not refiner:
-                self.selected = info.title
             return self._slots[slot][1]
+
+    def spec_of(self, name: str | None = None) -> ModelSpec | None:
+        """A checkpoint's spec without loading it: the model's in memory, else what its file's
+        header implies (None when only loading can tell)."""
+        info = self.find_checkpoint(name) if name else self.default_checkpoint()
+        if info is None:
+            return None
+        for _, model in self._slots.values():
+            if model.checkpoint.path == info.path:
+                return model.spec
+        return loader.read_spec(info.path)
 
     @property
     def _loaded(self):

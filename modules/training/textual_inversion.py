@@ -323,22 +323,26 @@ def template_files(folders: list[Path]) -> dict[str, Path]:
     return found
 
 
-def create_in_app(ctx, name: str, init_text: str, vectors: int, suffix: str = ".pt", overwrite: bool = False) -> Path:
-    sd_model = ctx.models.get()
+def create_in_app(ctx, name: str, init_text: str, vectors: int, suffix: str = ".pt", overwrite: bool = False,
+                  checkpoint: str | None = None) -> Path:
+    """Creates the embedding for `checkpoint`'s text encoders (None: the server's default); run
+    it as a queued job, as it may load the checkpoint."""
+    sd_model = ctx.models.get(checkpoint)
     return create_embedding(sd_model, ctx.paths.embeddings, name, init_text=init_text, vectors=vectors,
                             suffix=suffix, overwrite=overwrite)
 
 
-def train_in_app(ctx, options: TrainingOptions, job: Job | None = None) -> TrainingResult:
-    """Trains with the selected checkpoint; previews are drawn as txt2img draws them, with the
-    embedding as just saved, at the training size and a fixed seed so they can be compared.
-    The dataset folder must lie under the data folder or an --allowed-path one."""
+def train_in_app(ctx, options: TrainingOptions, checkpoint: str | None = None, job: Job | None = None) -> TrainingResult:
+    """Trains with `checkpoint` (None: the server's default); previews are drawn as txt2img draws
+    them, with the embedding as just saved, at the training size and a fixed seed so they can be
+    compared. The dataset folder must lie under the data folder or an --allowed-path one."""
     options = replace(options, dataset=ctx.paths.server_folder(options.dataset, "dataset directory"))
-    sd_model = ctx.models.get()
+    sd_model = ctx.models.get(checkpoint)
     info = sd_model.checkpoint
 
     def preview(prompt: str, step: int) -> Image.Image:
-        request = GenerationRequest(prompt=prompt, width=options.size, height=options.size, seed=options.seed, steps=20)
+        request = GenerationRequest(prompt=prompt, width=options.size, height=options.size, seed=options.seed, steps=20,
+                                    checkpoint=info.title)
         return pipeline.generate(ctx, request, save=False).images[0]
 
     with torch.inference_mode(False), torch.enable_grad():

@@ -52,11 +52,16 @@ def refiner_accordion(ctx, prefix: str, switch_at: float) -> tuple[gr.Dropdown, 
     return checkpoint, switch
 
 
+def user_of(request: gr.Request | None) -> str | None:
+    """The user a browser's request signed in as; None without --gradio-auth."""
+    return getattr(request, "username", None) if request is not None else None
+
+
 def owner_of(request: gr.Request | None) -> str:
     """Whose job a browser's request makes: the signed-in user, else that browser session."""
     if request is None:
         return "local"
-    return getattr(request, "username", None) or f"session {request.session_hash}"
+    return user_of(request) or f"session {request.session_hash}"
 
 
 def progress_html(job: Job, ahead: int | None = None) -> str:

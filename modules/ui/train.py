@@ -6,7 +6,7 @@ import html
 
 import gradio as gr
 
-from modules.service.jobs import Job
+from modules.service.jobs import Job, QueueFull
 from modules.training import textual_inversion as ti
 from modules.training.ti_dataset import LATENT_SAMPLING
 from modules.ui.common import owner_of, progress_html, run_with_progress
@@ -21,7 +21,8 @@ def result_text(result: ti.TrainingResult) -> str:
             f"Saved to `{result.path}`" + (f"; {len(result.previews)} preview images." if result.previews else "."))
 
 
-def build(ctx) -> None:
+def build(ctx, checkpoint: gr.Dropdown) -> None:
+    """The Train tab; `checkpoint` is the page's checkpoint dropdown, whose model trains."""
     resolution = ctx.models.loaded_resolution() or 512
     templates = ti.template_files(ctx.paths.ti_templates)
     with gr.Tab("Create embedding"):
@@ -59,17 +60,19 @@ def build(ctx) -> None:
         preview = gr.Image(label="Last preview", interactive=False, elem_id="train_preview")
         train_status = gr.Markdown(elem_id="train_status")
 
-    def on_create(name, init_text, vectors, file_format, overwrite):
-        try:
-            path = ti.create_in_app(ctx, name, init_text, int(vectors), file_format, bool(overwrite))
-        except (ValueError, LookupError, OSError) as e:
+    def on_create(name, init_text, vectors, file_format, overwrite, model, http: gr.Request):
+        job = Job(description="create embedding", owner=owner_of(http))
+        try:  # queued: it may load the checkpoint
+            path = ctx.jobs.run(job, lambda job: ti.create_in_app(ctx, name, init_text, int(vectors), file_format,
+                                                                  bool(overwrite), checkpoint=model))
+        except (ValueError, LookupError, OSError, QueueFull) as e:
             raise gr.Error(str(e))
         names = ti.embedding_names(ctx.paths.embeddings)
         count = int(vectors)
         return f"Created `{path.name}` ({count} vector{'s' if count > 1 else ''}).", gr.update(choices=names, value=path.stem)
 
     def on_train(embedding, learn_rate, batch_size, gradient_steps, dataset, template, size, steps, save_every,
-                 preview_every, shuffle_tags, tag_dropout, latent_sampling, http: gr.Request):
+                 preview_every, shuffle_tags, tag_dropout, latent_sampling, model, http: gr.Request):
         if not embedding:
             raise gr.Error("Choose an embedding to train, or create one first.")
         if not (dataset or "").strip():
@@ -88,7 +91,7 @@ def build(ctx) -> None:
         except (ValueError, TypeError) as e:
             raise gr.Error(str(e))
         job = Job(description="train embedding", owner=owner_of(http))
-        for kind, payload in run_with_progress(ctx, job, ti.train_in_app, options):
+        for kind, payload in run_with_progress(ctx, job, ti.train_in_app, options, model):
             if kind == "progress":
                 job_now, image, ahead = payload
                 status = html.escape(job_now.status) if job_now.status else ""
@@ -96,11 +99,12 @@ def build(ctx) -> None:
             else:
                 yield {progress: "", train_status: result_text(payload)}
 
-    create.click(on_create, inputs=[name, init_text, vectors, file_format, overwrite], outputs=[create_status, embedding])
+    create.click(on_create, inputs=[name, init_text, vectors, file_format, overwrite, checkpoint],
+                 outputs=[create_status, embedding])
     refresh.click(lambda current: gr.update(choices=ti.embedding_names(ctx.paths.embeddings), value=current),
                   inputs=embedding, outputs=embedding, queue=False)
     train.click(on_train, inputs=[embedding, learn_rate, batch_size, gradient_steps, dataset, template, size, steps,
-                                  save_every, preview_every, shuffle_tags, tag_dropout, latent_sampling],
+                                  save_every, preview_every, shuffle_tags, tag_dropout, latent_sampling, checkpoint],
                 outputs=[progress, preview, train_status], concurrency_limit=None)
     def on_interrupt(http: gr.Request):
         ctx.jobs.interrupt(owner_of(http))
