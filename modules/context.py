@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from modules.app.config import Flags, Paths, Settings, load_settings, save_settings
 from modules.models.memory import DevicePolicy, ModelManager
@@ -26,6 +28,9 @@ class AppContext:
     upscalers: Upscalers
     jobs: JobQueue = field(default_factory=JobQueue)
     preferences: Preferences = field(default_factory=Preferences)
+    # A scale-out backend's stand-in for pipeline.generate, which runs the job elsewhere; None:
+    # generation runs in this process (pipeline.generator chooses).
+    generator: Callable[..., Any] | None = None
 
     @classmethod
     def create(cls, flags: Flags) -> "AppContext":

@@ -30,8 +30,8 @@ def api(ctx, monkeypatch):
     load = loader.load_checkpoint
 
     def recorded(path, vae_path=None):
-        current = ctx.jobs.current
-        loads.append((path.name, current.owner if current is not None and not current.finished else None))
+        running = ctx.jobs.running
+        loads.append((path.name, running[0].owner if running else None))
         return load(path, vae_path)
 
     monkeypatch.setattr(loader, "load_checkpoint", recorded)

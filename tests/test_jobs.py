@@ -118,3 +118,43 @@ def test_interrupting_an_owner_with_only_waiting_jobs_takes_them_out():
         waiting.result(10)
     gate.release.set()
     assert other.result(10) == "c"
+
+
+class Elsewhere:
+    """A job function that runs on another process (a scale-out backend's): it counts how many
+    of its calls overlap."""
+
+    elsewhere = True
+
+    def __init__(self):
+        self.lock, self.now, self.most = threading.Lock(), 0, 0
+
+    def __call__(self, job):
+        with self.lock:
+            self.now += 1
+            self.most = max(self.most, self.now)
+        threading.Event().wait(0.2)
+        with self.lock:
+            self.now -= 1
+        return job.owner
+
+
+def test_jobs_run_elsewhere_side_by_side_and_those_here_one_at_a_time():
+    queue, remote = JobQueue(workers=3), Elsewhere()
+    futures = [queue.submit(Job(owner=f"u{i}"), remote) for i in range(6)]
+    assert [f.result(10) for f in futures] == [f"u{i}" for i in range(6)]
+    assert remote.most == 3  # as many as there are workers
+    here = Elsewhere()
+    here.elsewhere = False
+    futures = [queue.submit(Job(owner=f"u{i}"), here) for i in range(3)]
+    assert [f.result(10) for f in futures] == ["u0", "u1", "u2"] and here.most == 1
+    # Interrupt reaches every running job of its owner, and only those.
+    gate, other = Gate(), Gate()
+    gate.elsewhere = other.elsewhere = True
+    mine, theirs = Job(owner="a"), Job(owner="b")
+    queue.submit(mine, gate), queue.submit(theirs, other)
+    assert gate.started.wait(10) and other.started.wait(10)
+    assert queue.ahead_of(Job()) is None and {j.owner for j in queue.jobs_of("a")} == {"a"}
+    queue.interrupt("a")
+    assert mine.interrupted and not theirs.interrupted
+    gate.release.set(), other.release.set()

@@ -84,7 +84,7 @@ def create_router(ctx) -> APIRouter:
             raise HTTPException(422, str(e))
         try:
             job = Job(description=f"{request.mode} (api)", owner=caller(http))
-            result = ctx.jobs.run(job, pipeline.generate, ctx, request, save=body.save_images)
+            result = ctx.jobs.run(job, pipeline.generator(ctx), ctx, request, save=body.save_images)
         except LookupError as e:
             raise HTTPException(404, str(e))
         except ValueError as e:

@@ -76,7 +76,7 @@ def run_folder(ctx: AppContext, request: Img2ImgRequest, input_dir: str | Path, 
                 if path.stem not in masks:
                     raise RequestError(f"no mask named {path.stem}.* in the mask directory")
                 changes["mask"] = read_image(masks[path.stem].read_bytes(), f"mask {masks[path.stem].name}")
-            done = pipeline.generate(ctx, request.replace(**changes), job, save=False)
+            done = pipeline.generator(ctx)(ctx, request.replace(**changes), job=job, save=False)
         except (ValueError, OSError) as e:  # RequestError is a ValueError
             result.skipped.append(f"{path.name}: {e}")
             continue

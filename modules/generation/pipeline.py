@@ -181,6 +181,18 @@ def _hires_pass(sd_model, request, latents, seeds, ctx, using, on_step, embeddin
         return stopped.latent
 
 
+def save_picture(ctx: AppContext, request: GenerationRequest, image: Image.Image, seed: int, infotext: str) -> Path:
+    """One picture as a PNG, its infotext inside, in today's folder of the request's mode."""
+    outdir = storage.dated_dir(ctx.paths.outputs, request.mode)
+    return storage.save_image(image, outdir, seed=seed, prompt=request.prompt, infotext=infotext)
+
+
+def generator(ctx: AppContext) -> Callable[..., Result]:
+    """What runs a generation job: the scale-out backend (ctx.generator), else `generate` here.
+    Both take (ctx, request, job=, save=) and give the same Result, pictures bit for bit."""
+    return ctx.generator or generate
+
+
 def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None, save: bool | None = None) -> Result:
     """Runs every batch of the request; `save` None follows the user's setting."""
     # 1. The request: validated before its styles are written into the prompts (their names) and
@@ -200,7 +212,6 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
     sd_model = ctx.models.get(request.checkpoint, ctx.settings.sd_vae)
     checkpoint = sd_model.checkpoint
     model_hash = ctx.models.hash_of(checkpoint)
-    outdir = storage.dated_dir(ctx.paths.outputs, request.mode)
     seeds = request.seeds()
     steps = sampling_steps(request)
     job.total_steps = request.batch_count * steps
@@ -288,7 +299,7 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
                     | network_params | (refiner_params or {}),
                 )
                 if save:
-                    result.paths.append(storage.save_image(image, outdir, seed=seed, prompt=request.prompt, infotext=infotext))
+                    result.paths.append(save_picture(ctx, request, image, seed, infotext))
                 result.images.append(image)
                 result.infotexts.append(infotext)
                 result.seeds.append(seed)

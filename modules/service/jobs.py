@@ -7,6 +7,7 @@ attribute writes are atomic in CPython, so a reader may see a slightly stale ste
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
@@ -71,20 +72,26 @@ class JobCancelled(Exception):
 
 
 class JobQueue:
-    """Runs jobs one at a time on a worker thread (models are large, and two jobs at once would
-    only fight for the same device), fairly between owners: they take turns, one job each, so
-    one owner's forty queued jobs do not keep another's single job waiting behind all of them.
+    """Runs jobs on worker threads, fairly between owners: they take turns, one job each, so one
+    owner's forty queued jobs do not keep another's single job waiting behind all of them.
     Within an owner, jobs run in the order they came. `max_waiting` bounds how many may wait.
     Callers wait on the returned Future or poll the Job; a Future of a job cancelled before it
-    started raises JobCancelled."""
+    started raises JobCancelled.
 
-    def __init__(self, max_waiting: int | None = None) -> None:
+    Jobs that use this process's models run one at a time (models are large, and two jobs at once
+    would only fight for the same device). A job whose function has a true `elsewhere` attribute
+    (a scale-out backend's, which runs it on another process's model) holds no such turn: up to
+    `workers` of those run side by side."""
+
+    def __init__(self, max_waiting: int | None = None, workers: int = 1) -> None:
         self.max_waiting = max_waiting
-        self.current: Job | None = None
-        self._waiting: dict[str, deque[tuple[Job, Future, Callable[[], Any]]]] = {}  # owner -> jobs, in turn order
+        self.running: list[Job] = []
+        self._waiting: dict[str, deque[tuple[Job, Future, Callable[[], Any], bool]]] = {}  # owner -> jobs, in turn order
         self._lock = threading.Condition()
-        self._worker = threading.Thread(target=self._work, name="job", daemon=True)
-        self._worker.start()
+        self._here = threading.Lock()  # held by a job that runs on this process's models
+        self._workers = [threading.Thread(target=self._work, name=f"job-{i}", daemon=True) for i in range(workers)]
+        for worker in self._workers:
+            worker.start()
 
     def submit(self, job: Job, fn, *args, **kwargs) -> Future:
         """Queues fn(*args, job=job, **kwargs); raises QueueFull when max_waiting jobs wait."""
@@ -93,14 +100,15 @@ class JobQueue:
             waiting = sum(len(jobs) for jobs in self._waiting.values())
             if self.max_waiting is not None and waiting >= self.max_waiting:
                 raise QueueFull(f"the queue is full ({waiting} jobs waiting, at most {self.max_waiting}); try again later")
-            self._waiting.setdefault(job.owner, deque()).append((job, future, lambda: fn(*args, job=job, **kwargs)))
+            elsewhere = bool(getattr(fn, "elsewhere", False))
+            self._waiting.setdefault(job.owner, deque()).append((job, future, lambda: fn(*args, job=job, **kwargs), elsewhere))
             self._lock.notify()
         return future
 
     def run(self, job: Job, fn, *args, **kwargs):
         return self.submit(job, fn, *args, **kwargs).result()
 
-    def _next(self) -> tuple[Job, Future, Callable[[], Any]]:
+    def _next(self) -> tuple[Job, Future, Callable[[], Any], bool]:
         """The next owner's first job; that owner then goes to the back of the turn order."""
         with self._lock:
             while not self._waiting:
@@ -110,47 +118,52 @@ class JobQueue:
             entry = jobs.popleft()
             if jobs:
                 self._waiting[owner] = jobs
-            self.current = entry[0]
+            self.running.append(entry[0])
             return entry
 
     def _work(self) -> None:
         while True:
-            job, future, call = self._next()
-            if job.cancelled or not job.wanted():
-                job.finished = True
-                future.set_exception(JobCancelled(f"job {job.id} was cancelled before it started"))
-                continue
-            if not future.set_running_or_notify_cancel():
-                job.finished = True
-                continue
-            job.started = time.monotonic()
+            job, future, call, elsewhere = self._next()
             try:
-                future.set_result(call())
-            except BaseException as e:  # the caller gets it from the Future
-                future.set_exception(e)
+                if job.cancelled or not job.wanted():
+                    future.set_exception(JobCancelled(f"job {job.id} was cancelled before it started"))
+                    continue
+                if not future.set_running_or_notify_cancel():
+                    continue
+                with contextlib.nullcontext() if elsewhere else self._here:
+                    job.started = time.monotonic()
+                    try:
+                        future.set_result(call())
+                    except BaseException as e:  # the caller gets it from the Future
+                        future.set_exception(e)
             finally:
                 job.finished = True
+                with self._lock:
+                    self.running.remove(job)
+
+    def _running(self, owner: str | None = None) -> list[Job]:
+        with self._lock:
+            return [j for j in self.running if not j.finished and (owner is None or j.owner == owner)]
 
     def ahead_of(self, job: Job) -> int | None:
-        """How many jobs will run before `job` (the running one included); None when it is not
+        """How many jobs will run before `job` (the running ones included); None when it is not
         waiting. Turns go round the owners in order, one job each."""
         with self._lock:
-            queues = [[j for j, _, _ in jobs] for jobs in self._waiting.values()]
-        running = 1 if self.current is not None and not self.current.finished else 0
+            queues = [[entry[0] for entry in jobs] for jobs in self._waiting.values()]
+        ahead = len(self._running())
         for turn in range(max((len(q) for q in queues), default=0)):
             for q in queues:
                 if turn < len(q):
                     if q[turn] is job:
-                        return running
-                    running += 1
+                        return ahead
+                    ahead += 1
         return None
 
     def jobs_of(self, owner: str) -> list[Job]:
-        """The owner's running job (if any) and waiting jobs, in the order they will run."""
+        """The owner's running jobs and waiting jobs, in the order they will run."""
         with self._lock:
-            waiting = [j for j, _, _ in self._waiting.get(owner, ())]
-        current = self.current
-        return ([current] if current is not None and not current.finished and current.owner == owner else []) + waiting
+            waiting = [entry[0] for entry in self._waiting.get(owner, ())]
+        return self._running(owner) + waiting
 
     def cancel(self, job: Job) -> bool:
         """Takes a waiting job out of the queue (its Future raises JobCancelled); False when it
@@ -167,24 +180,19 @@ class JobQueue:
                         return True
         return False
 
-    def _running_of(self, owner: str | None) -> Job | None:
-        job = self.current
-        if job is None or job.finished or (owner is not None and job.owner != owner):
-            return None
-        return job
-
     def interrupt(self, owner: str | None = None) -> bool:
-        """Interrupts the running job if it is `owner`'s (anyone's when owner is None). An owner
+        """Interrupts the running jobs that are `owner`'s (anyone's when owner is None). An owner
         whose jobs all still wait has them taken out of the queue instead."""
-        job = self._running_of(owner)
-        if job is not None:
+        running = self._running(owner)
+        for job in running:
             job.interrupt()
+        if running:
             return True
         return owner is not None and any([self.cancel(waiting) for waiting in self.jobs_of(owner)])
 
     def skip(self, owner: str | None = None) -> bool:
-        """Skips the running job's current batch if it is `owner`'s (anyone's when owner is None)."""
-        job = self._running_of(owner)
-        if job is not None:
+        """Skips the current batch of the running jobs that are `owner`'s (anyone's when owner is None)."""
+        running = self._running(owner)
+        for job in running:
             job.skip()
-        return job is not None
+        return bool(running)

@@ -164,7 +164,7 @@ def build(ctx, checkpoint: gr.Dropdown) -> tuple[PasteTarget, PasteTarget]:
             if result.skipped:
                 gr.Warning("Skipped: " + "; ".join(result.skipped))
         else:
-            yield from out.stream(ctx, Job(description="img2img", owner=owner), pipeline.generate, request)
+            yield from out.stream(ctx, Job(description="img2img", owner=owner), pipeline.generator(ctx), request)
 
     wire_generation(ctx, run, inputs, out, area, seed_row)
 

@@ -79,7 +79,7 @@ def build(ctx, checkpoint: gr.Dropdown) -> dict:
             request = GenerationRequest(**form_fields(GenerationRequest, dict(zip(fields, values)))).validate()
         except (RequestError, TypeError, ValueError) as e:
             raise gr.Error(str(e))
-        yield from out.stream(ctx, Job(description="txt2img", owner=owner), pipeline.generate, request)
+        yield from out.stream(ctx, Job(description="txt2img", owner=owner), pipeline.generator(ctx), request)
 
     hr_size_inputs = [width, height, hr_scale, hr_resize_x, hr_resize_y]
 
