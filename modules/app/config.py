@@ -30,6 +30,9 @@ class Flags:
     threads: int | None = None
     allowed_paths: tuple[Path, ...] = ()  # folders besides data_dir that requests may name (--allowed-path)
     queue_size: int | None = None  # how many jobs may wait; None: no bound
+    # Scale-out (modules/scaleout/): N generation replicas on a local Ray instance, or those of a cluster.
+    workers: int | None = None
+    ray_address: str | None = None
     # Sign-in, as given; modules/service/auth.py reads them.
     gradio_auth: tuple[str, ...] = ()  # "user:pass,user:pass"
     gradio_auth_path: tuple[Path, ...] = ()  # files of user:pass lines
@@ -53,6 +56,10 @@ def parse_flags(argv: list[str] | None = None) -> Flags:
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--queue-size", type=int, metavar="N",
                    help="at most N jobs wait for the model; further requests are refused (HTTP 429)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="generate on N Ray Serve replicas (one GPU each where there are GPUs) on a local Ray instance")
+    p.add_argument("--ray-address", metavar="ADDR",
+                   help="generate on the replicas of an existing Ray cluster (as `ray start --head` prints it)")
     p.add_argument("--allowed-path", action="append", type=Path, default=[], metavar="DIR",
                    help="a folder besides the data folder that batch, extras and training requests may read and write; repeatable")
     p.add_argument("--gradio-auth", action="append", default=[], metavar="USER:PASS[,USER:PASS...]",
@@ -62,6 +69,8 @@ def parse_flags(argv: list[str] | None = None) -> Flags:
     p.add_argument("--api-auth", action="append", default=[], metavar="USER:PASS[,USER:PASS...]",
                    help="HTTP Basic sign-in for /sdapi/v1")
     a = p.parse_args(argv)
+    if a.workers is not None and a.workers < 1:
+        p.error(f"--workers must be at least 1, got {a.workers}")
     allowed = []
     for folder in a.allowed_path:
         if not folder.expanduser().is_dir():
@@ -82,6 +91,8 @@ def parse_flags(argv: list[str] | None = None) -> Flags:
         threads=a.threads,
         allowed_paths=tuple(allowed),
         queue_size=a.queue_size,
+        workers=a.workers,
+        ray_address=a.ray_address,
         gradio_auth=tuple(a.gradio_auth),
         gradio_auth_path=tuple(a.gradio_auth_path),
         api_auth=tuple(a.api_auth),
