@@ -79,6 +79,11 @@ class CFGDenoiser(nn.Module):
     sampling to start somewhere else (img2img starting part-way through a schedule).
 
     `max_batch` limits how many rows go through the model at once (low memory); None: all at once.
+
+    `report_uncond` is for samplers that step along the negative prompt's own estimate (CFG++;
+    `registry.run_sampler` sets it for them): then every call runs the negative prompt, even where
+    guidance alone would not need it, and leaves each image's estimate for it, masked as the
+    result is, in `uncond_denoised`.
     """
 
     def __init__(self, inner_model, max_batch: int | None = None):
@@ -88,6 +93,8 @@ class CFGDenoiser(nn.Module):
         self.inner_model = inner_model
         self.max_batch = max_batch
         self.step = 0
+        self.report_uncond = False
+        self.uncond_denoised = None
 
     def forward(self, x, sigma, *, conditioning, cond_scale, c_concat=None, init_latent=None, keep=None):
         batch = x.shape[0]
@@ -105,7 +112,8 @@ class CFGDenoiser(nn.Module):
                 vectors.append(cond.vector_at(self.step))
         n_cond = len(rows)
         # With scale 1 and weights summing to 1 the negative prompt cancels out: one pass fewer.
-        need_uncond = cond_scale != 1 or any(abs(sum(w for _, w in parts) - 1) > 1e-6 for parts in conditioning.cond)
+        weighted = any(abs(sum(w for _, w in parts) - 1) > 1e-6 for parts in conditioning.cond)
+        need_uncond = self.report_uncond or cond_scale != 1 or weighted
         if need_uncond:
             rows.extend(range(batch))
             contexts.extend(u.at(self.step) for u in conditioning.uncond)
@@ -124,10 +132,13 @@ class CFGDenoiser(nn.Module):
                 result += (cond_out[row] - base) * (weight * cond_scale)
                 row += 1
             denoised.append(result)
-        denoised = torch.stack(denoised)
-        if keep is not None:
-            denoised = denoised * (1 - keep) + init_latent * keep
-        return denoised
+
+        def kept(estimate):
+            return estimate if keep is None else estimate * (1 - keep) + init_latent * keep
+
+        if self.report_uncond:
+            self.uncond_denoised = kept(uncond_out)
+        return kept(torch.stack(denoised))
 
     def _denoise(self, x, sigma, contexts, c_concat, vectors):
         """Runs the model over all rows, grouping rows whose contexts have the same shape

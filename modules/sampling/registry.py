@@ -1,8 +1,10 @@
-"""The sampler table: A1111's sampler names, each mapped to a k-diffusion sampling function and
-the options it needs, and `run_sampler`, which calls one with per-image seeded noise.
+"""The sampler table: A1111's sampler names, each mapped to a sampling function of k-diffusion's
+form (k-diffusion's own, or modules.sampling.samplers for those it lacks) and the options it
+needs, and `run_sampler`, which calls one with per-image seeded noise.
 
-Facts per sampler follow A1111's sd_samplers_kdiffusion: default schedule ("scheduler"),
-"second_order", "brownian_noise", "uses_ensd" (here: ancestral noise), "discard_next_to_last_sigma".
+Facts per sampler follow A1111's sd_samplers_kdiffusion, sd_samplers_timesteps and
+sd_samplers_lcm: default schedule ("scheduler"), "second_order", "brownian_noise", "uses_ensd"
+(here: ancestral noise), "discard_next_to_last_sigma", "solver_type".
 """
 
 from __future__ import annotations
@@ -14,35 +16,10 @@ from typing import Any
 
 import torch
 from k_diffusion import sampling as kd
-from tqdm.auto import trange
 
+from modules.sampling import samplers
 from modules.sampling.noise import ancestral_noise_sampler, brownian_noise_sampler
 from modules.sampling.schedules import SCHEDULES, find_schedule
-
-
-@torch.no_grad()
-def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=0.0, noise_sampler=None):
-    """DDIM (Song et al., 2020) in k-diffusion's form, where x = x0 + sigma * eps.
-
-    DDIM predicts x0 and eps, then re-noises x0 to the next level along the predicted eps:
-    x_next = x0 + sigma_next * eps (deterministic for eta = 0). With eta > 0 part of sigma_next
-    comes from fresh noise instead; DDIM's sigma_t, divided by sqrt(alpha_bar), is exactly
-    k-diffusion's ancestral `sigma_up`, so get_ancestral_step gives the split.
-    """
-    extra_args = {} if extra_args is None else extra_args
-    noise_sampler = kd.default_noise_sampler(x) if noise_sampler is None else noise_sampler
-    s_in = x.new_ones([x.shape[0]])
-    for i in trange(len(sigmas) - 1, disable=disable):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        denoised = model(x, sigma * s_in, **extra_args)
-        if callback is not None:
-            callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": denoised})
-        eps = (x - denoised) / sigma
-        sigma_down, sigma_up = kd.get_ancestral_step(sigma, sigma_next, eta=eta)
-        x = denoised + eps * sigma_down
-        if sigma_next > 0 and sigma_up > 0:
-            x = x + noise_sampler(sigma, sigma_next) * sigma_up
-    return x
 
 
 def one_step_safe(fn: Callable) -> Callable:
@@ -84,9 +61,12 @@ def step_at(sigma, sigmas: torch.Tensor) -> int:
 
 
 # Which noise sampler a sampler gets: (x, sigmas, seeds, source, seed_delta) -> noise_sampler.
+# "stream" is the image's own stream without the seed delta: A1111 applies "eta noise seed delta"
+# only to the samplers it marks uses_ensd, and Restart and LCM draw their noise unmarked.
 NOISE = {
     "ancestral": lambda x, sigmas, seeds, source, delta: ancestral_noise_sampler(x, seeds, source, delta),
     "brownian": lambda x, sigmas, seeds, source, delta: brownian_noise_sampler(x, sigmas, seeds, source),
+    "stream": lambda x, sigmas, seeds, source, delta: ancestral_noise_sampler(x, seeds, source),
 }
 
 
@@ -96,12 +76,14 @@ class SamplerInfo:
     aliases: tuple[str, ...]  # A1111's API names
     fn: Callable  # k-diffusion sampler signature: (model, x, sigmas | sigma range, extra_args, callback, disable, ...)
     default_schedule: str  # a schedules.SCHEDULES name, used for "Automatic"
-    noise: str | None = None  # None, "ancestral" (fresh noise each step) or "brownian" (SDE)
+    noise: str | None = None  # a NOISE kind: "ancestral" / "stream" (fresh noise each step), "brownian" (SDE)
     second_order: bool = False  # two model evaluations per step
     discard_penultimate_sigma: bool = False  # schedule made for steps + 1, next-to-last level dropped
     sigma_args: Callable[[torch.Tensor], dict] = _sigma_list
     own_levels: bool = False  # picks its own levels between the schedule's ends (DPM fast / adaptive)
     kwargs: tuple[tuple[str, Any], ...] = ()  # fixed extra keyword arguments for fn
+    cfg_scale_factor: float = 1.0  # the request's CFG scale times this is the guidance scale used
+    uses_uncond: bool = False  # fn takes `uncond_denoised`: () -> the last call's negative-prompt estimate
 
     @property
     def ancestral(self) -> bool:
@@ -120,6 +102,7 @@ class SamplerInfo:
             "brownian_noise": self.brownian,
             "uses_ensd": self.ancestral,
             "discard_next_to_last_sigma": self.discard_penultimate_sigma,
+            "solver_type": dict(self.kwargs).get("solver_type"),
         }
         return {key: str(value) for key, value in flags.items() if value}
 
@@ -130,10 +113,17 @@ class SamplerInfo:
 
 # A1111's defaults: ancestral-noise samplers and DPM fast / adaptive run with eta 1
 # (its "eta for ancestral samplers" setting), the others are deterministic ODE solvers.
+# A1111 runs DDIM, DDIM CFG++ and PLMS on DDIM's timesteps, hence their "ddim" default; UniPC on
+# timesteps evenly spaced from the highest to 0, which "sgm_uniform" gives (ending at 0 where
+# A1111 stops at the lowest level).
 SAMPLERS: tuple[SamplerInfo, ...] = (
     SamplerInfo("DPM++ 2M", ("k_dpmpp_2m",), kd.sample_dpmpp_2m, "karras"),
     SamplerInfo("DPM++ SDE", ("k_dpmpp_sde",), kd.sample_dpmpp_sde, "karras", noise="brownian", second_order=True),
     SamplerInfo("DPM++ 2M SDE", ("k_dpmpp_2m_sde",), one_step_safe(kd.sample_dpmpp_2m_sde), "exponential", noise="brownian"),
+    SamplerInfo(
+        "DPM++ 2M SDE Heun", ("k_dpmpp_2m_sde_heun",), one_step_safe(kd.sample_dpmpp_2m_sde), "exponential",
+        noise="brownian", kwargs=(("solver_type", "heun"),),
+    ),
     SamplerInfo("DPM++ 2S a", ("k_dpmpp_2s_a",), kd.sample_dpmpp_2s_ancestral, "karras", noise="ancestral", second_order=True),
     SamplerInfo(
         "DPM++ 3M SDE", ("k_dpmpp_3m_sde",), one_step_safe(kd.sample_dpmpp_3m_sde), "exponential",
@@ -156,7 +146,15 @@ SAMPLERS: tuple[SamplerInfo, ...] = (
         "DPM adaptive", ("k_dpm_ad",), kd.sample_dpm_adaptive, "uniform", noise="ancestral",
         sigma_args=_sigma_range, own_levels=True, kwargs=(("eta", 1.0),),
     ),
-    SamplerInfo("DDIM", ("ddim",), sample_ddim, "ddim"),
+    SamplerInfo("Restart", ("restart",), samplers.sample_restart, "karras", noise="stream", second_order=True),
+    SamplerInfo("DDIM", ("ddim",), samplers.sample_ddim, "ddim"),
+    # CFG++'s guidance lambda in [0, 1] is A1111's CFG scale / 12.5.
+    SamplerInfo(
+        "DDIM CFG++", ("ddim_cfgpp",), samplers.sample_ddim_cfgpp, "ddim", cfg_scale_factor=1 / 12.5, uses_uncond=True,
+    ),
+    SamplerInfo("PLMS", ("plms",), samplers.sample_plms, "ddim"),
+    SamplerInfo("UniPC", ("unipc",), samplers.sample_unipc, "sgm_uniform"),
+    SamplerInfo("LCM", ("k_lcm",), samplers.sample_lcm, "uniform", noise="stream"),
 )
 
 _BY_NAME = {key.lower(): s for s in SAMPLERS for key in (s.name, *s.aliases)}
@@ -207,8 +205,12 @@ def run_sampler(
     the sigma it is made at. An exception raised by the callback (interrupt, skip) stops sampling
     and propagates unchanged.
 
-    `seeds` (one per image) and `noise_source` ('cpu' / 'gpu') seed the noise that ancestral and
-    SDE samplers add during sampling; `noise_seed_delta` is A1111's "eta noise seed delta".
+    `seeds` (one per image) and `noise_source` ('cpu' / 'gpu') seed the noise that ancestral, SDE,
+    Restart and LCM samplers add during sampling; `noise_seed_delta` is A1111's "eta noise seed delta".
+
+    A sampler with a `cfg_scale_factor` gets extra_args' "cond_scale" scaled by it. One that
+    `uses_uncond` (CFG++) turns the denoiser's `report_uncond` on for the run, where it has one
+    (CFGDenoiser), and reads the negative prompt's estimate from its `uncond_denoised`.
     """
     if len(seeds) != x.shape[0]:
         raise ValueError(f"{len(seeds)} seeds for a batch of {x.shape[0]} images")
@@ -218,6 +220,12 @@ def run_sampler(
     kwargs.update(info.sigma_args(sigmas))
     if info.noise is not None:
         kwargs["noise_sampler"] = NOISE[info.noise](x, sigmas, seeds, noise_source, noise_seed_delta)
+    extra_args = dict(extra_args or {})
+    if info.cfg_scale_factor != 1 and "cond_scale" in extra_args:
+        extra_args["cond_scale"] = extra_args["cond_scale"] * info.cfg_scale_factor
+    reports_uncond = info.uses_uncond and hasattr(denoiser, "report_uncond")
+    if info.uses_uncond:
+        kwargs["uncond_denoised"] = (lambda: denoiser.uncond_denoised) if reports_uncond else None
 
     first_step = getattr(denoiser, "step", None)
     model = denoiser
@@ -234,4 +242,10 @@ def run_sampler(
         if callback is not None:
             callback({**d, "i": i})
 
-    return info.fn(model, x, extra_args=extra_args or {}, callback=on_step, disable=True, **kwargs)
+    if reports_uncond:
+        denoiser.report_uncond = True
+    try:
+        return info.fn(model, x, extra_args=extra_args, callback=on_step, disable=True, **kwargs)
+    finally:
+        if reports_uncond:
+            denoiser.report_uncond = False
