@@ -55,8 +55,9 @@ def sigmas_for(name, steps, denoiser, schedule="Automatic"):
 
 def test_table_has_a1111_samplers_in_a1111_order():
     assert SAMPLER_NAMES == [
-        "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2S a", "DPM++ 3M SDE", "Euler a", "Euler",
-        "LMS", "Heun", "DPM2", "DPM2 a", "DPM fast", "DPM adaptive", "DDIM",
+        "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 2S a", "DPM++ 3M SDE", "Euler a",
+        "Euler", "LMS", "Heun", "DPM2", "DPM2 a", "DPM fast", "DPM adaptive", "Restart",
+        "DDIM", "DDIM CFG++", "PLMS", "UniPC", "LCM",
     ]
     for sampler in SAMPLERS:  # no name or alias is shared by two samplers
         for key in (sampler.name, *sampler.aliases):
@@ -88,12 +89,13 @@ def test_unknown_sampler_lists_the_valid_names():
 
 def test_a1111_facts():
     karras = {s.name for s in SAMPLERS if s.default_schedule == "karras"}
-    assert karras == {"DPM++ 2M", "DPM++ SDE", "DPM++ 2S a", "DPM2", "DPM2 a"}
-    assert {s.name for s in SAMPLERS if s.default_schedule == "exponential"} == {"DPM++ 2M SDE", "DPM++ 3M SDE"}
-    assert {s.name for s in SAMPLERS if s.brownian} == {"DPM++ SDE", "DPM++ 2M SDE", "DPM++ 3M SDE"}
+    assert karras == {"DPM++ 2M", "DPM++ SDE", "DPM++ 2S a", "DPM2", "DPM2 a", "Restart"}
+    exponential = {s.name for s in SAMPLERS if s.default_schedule == "exponential"}
+    assert exponential == {"DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE"}
+    assert {s.name for s in SAMPLERS if s.brownian} == {"DPM++ SDE", "DPM++ 2M SDE", "DPM++ 2M SDE Heun", "DPM++ 3M SDE"}
     assert {s.name for s in SAMPLERS if s.ancestral} == {"Euler a", "DPM2 a", "DPM++ 2S a", "DPM fast", "DPM adaptive"}
-    assert {s.name for s in SAMPLERS if s.second_order} == {"Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ SDE"}
-    assert find_sampler("DDIM").default_schedule == "ddim"
+    assert {s.name for s in SAMPLERS if s.second_order} == {"Heun", "DPM2", "DPM2 a", "DPM++ 2S a", "DPM++ SDE", "Restart"}
+    assert {s.name for s in SAMPLERS if s.default_schedule == "ddim"} == {"DDIM", "DDIM CFG++", "PLMS"}
     assert find_sampler("DPM++ 2M").options == {"scheduler": "karras"}
     assert find_sampler("DPM++ SDE").options == {"scheduler": "karras", "second_order": "True", "brownian_noise": "True"}
     for sampler in SAMPLERS:
@@ -269,7 +271,9 @@ def test_one_step_is_a_plain_denoise(sd_sigmas, name):
     torch.testing.assert_close(out, target.expand_as(out), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("name", SAMPLER_NAMES)
+# LCM assumes a consistency model, which maps a level to a sample: with the ideal denoiser's
+# posterior mean, the fresh noise of each step does not restore the spread the mean removed.
+@pytest.mark.parametrize("name", [n for n in SAMPLER_NAMES if n != "LCM"])
 def test_samplers_draw_from_the_data_distribution(sd_sigmas, name):
     info = find_sampler(name)
     sigmas = sigmas_for(name, 40, sd_sigmas)
