@@ -42,7 +42,7 @@ LOGIN_MESSAGE = (f"After {auth.Throttle.LIMIT} wrong passwords within {auth.Thro
 
 def build_ui(ctx: AppContext) -> gr.Blocks:
     default = ctx.models.default_checkpoint()
-    if default:  # loaded before the server takes jobs, so that the first Generate is quick
+    if default and ctx.generator is None:  # loaded before the server takes jobs, so that the first Generate is quick
         try:
             ctx.models.get(default.title)
         except Exception as e:  # a broken file must not stop the UI from starting
@@ -108,7 +108,12 @@ def create_app(flags: Flags, sign_ins: auth.SignIns | None = None) -> tuple[Fast
     sign_ins = sign_ins or auth.SignIns.from_flags(flags)
     if flags.threads:
         torch.set_num_threads(flags.threads)
-    ctx = AppContext.create(flags)
+    generator = None
+    if flags.workers or flags.ray_address:
+        from modules.scaleout.ray_serve import RayServeBackend  # Ray is imported only when asked for
+
+        generator = RayServeBackend.start(flags)
+    ctx = AppContext.create(flags, generator)
     app = FastAPI(title="Stable Diffusion web UI")
     if flags.api:
         routes.install(app, ctx, sign_ins.api)

@@ -1,6 +1,7 @@
 """The web UI's code, in packages by responsibility. One request travels down this list and back:
 
     ui/, api/        Gradio tabs and /sdapi/v1 routes: widgets or JSON -> request, result -> widgets or JSON
+    scaleout/        generation on Ray Serve replicas (--workers, --ray-address), pipeline.generate's stand-in
     training/        textual-inversion training, the built-in model's dataset and trainer
     generation/      request (what was asked, validated), pipeline (the numbered steps of a
                      generation), img2img and masks, hires fix, folder batches, the A1111 option
@@ -11,7 +12,7 @@
     models/          the networks keyed by checkpoint keys, detection, loading, memory, merging
     sampling/        seeded noise, sigma schedules, the CFG denoiser, the sampler table
     prompting/       the prompt language, tokenizer, conditioning, extra-network tags, styles
-    service/         jobs and the queue that runs them one at a time
+    service/         jobs and the fair queue that runs them, sign-in, each user's own choices
     images/          picture files: reading pictures and their text, the infotext format, saving
     app/             flags, settings, paths, atomic file writes, the error people fix
 
@@ -33,5 +34,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("context",),
     ("generation",),
     ("training",),
+    ("scaleout",),
     ("ui", "api"),
 )

@@ -33,7 +33,8 @@ class AppContext:
     generator: Callable[..., Any] | None = None
 
     @classmethod
-    def create(cls, flags: Flags) -> "AppContext":
+    def create(cls, flags: Flags, generator: Callable[..., Any] | None = None) -> "AppContext":
+        """`generator`: a scale-out backend, whose `replicas` jobs run at once."""
         paths = Paths(flags.data_dir, flags.allowed_paths)
         for folder in (paths.checkpoints, paths.vae, paths.lora, paths.esrgan, paths.embeddings, paths.outputs):
             folder.mkdir(parents=True, exist_ok=True)
@@ -46,7 +47,8 @@ class AppContext:
             loras=LoraLibrary(paths.lora, paths.hash_cache),
             styles=StyleLibrary(paths.styles_file),
             upscalers=upscalers,
-            jobs=JobQueue(max_waiting=flags.queue_size),
+            jobs=JobQueue(max_waiting=flags.queue_size, workers=getattr(generator, "replicas", 1)),
+            generator=generator,
             preferences=Preferences(paths.preferences_file),
         )
 

@@ -187,6 +187,14 @@ def save_picture(ctx: AppContext, request: GenerationRequest, image: Image.Image
     return storage.save_image(image, outdir, seed=seed, prompt=request.prompt, infotext=infotext)
 
 
+def resolved(ctx: AppContext, request: GenerationRequest) -> GenerationRequest:
+    """The request as it runs: validated before its styles are written into the prompts (their
+    names) and after (the prompts they make), seed fixed so every image can be reproduced."""
+    request = request.validate()
+    prompt, negative = ctx.styles.apply(request.prompt, request.negative_prompt, request.styles)
+    return request.replace(prompt=prompt, negative_prompt=negative, styles=()).validate().with_seed_resolved()
+
+
 def generator(ctx: AppContext) -> Callable[..., Result]:
     """What runs a generation job: the scale-out backend (ctx.generator), else `generate` here.
     Both take (ctx, request, job=, save=) and give the same Result, pictures bit for bit."""
@@ -195,12 +203,9 @@ def generator(ctx: AppContext) -> Callable[..., Result]:
 
 def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None, save: bool | None = None) -> Result:
     """Runs every batch of the request; `save` None follows the user's setting."""
-    # 1. The request: validated before its styles are written into the prompts (their names) and
-    #    after (the prompts they make), seed fixed so every image can be reproduced; the LoRA
-    #    files the prompt names are found (or the job stops here, naming the one missing).
-    request = request.validate()
-    prompt, negative = ctx.styles.apply(request.prompt, request.negative_prompt, request.styles)
-    request = request.replace(prompt=prompt, negative_prompt=negative, styles=()).validate().with_seed_resolved()
+    # 1. The request as it will run; the LoRA files the prompt names are found (or the job stops
+    #    here, naming the one missing).
+    request = resolved(ctx, request)
     loras = ctx.loras.resolve(request.prompt)
     if request.enable_hr:
         hires.check_upscaler(request, ctx.upscalers)

@@ -145,6 +145,7 @@ class ModelManager:
         log.info("Precision: %s", policy.reason)
         # "main" and "refiner" -> (what was loaded: path, file version, VAE file; the SDModel)
         self._slots: dict[str, tuple[tuple, object]] = {}
+        self.loads = 0  # checkpoint files read since start, which a scale-out replica reports
         self._lock = threading.Lock()
 
     # -- listing -------------------------------------------------------------------------------
@@ -221,6 +222,7 @@ class ModelManager:
                     model = self._slots[other][1]
                 else:
                     model = loader.load_checkpoint(info.path, vae_path=vae)
+                    self.loads += 1
                     spec = model.spec
                     log.info("Loaded %s: %s, predicts %s, %d px%s", info.title, spec.family, spec.prediction,
                              spec.resolution, ", zero-terminal-SNR schedule" if spec.ztsnr else "")
