@@ -25,7 +25,7 @@ from modules.images.infotext import parse_infotext
 from modules.sampling.registry import SAMPLERS
 from modules.sampling.schedules import SCHEDULES
 from modules.service.auth import SignIn
-from modules.service.jobs import Job, QueueFull
+from modules.service.jobs import Job, JobFailed, QueueFull
 
 # override_settings keys A1111 clients use, and the request field each one sets.
 OVERRIDES = {
@@ -271,6 +271,10 @@ def install(app: FastAPI, ctx, sign_in: SignIn | None = None) -> None:
     @app.exception_handler(QueueFull)
     async def queue_full(_: Request, error: QueueFull):
         return JSONBody(status_code=429, content={"error": "QueueFull", "detail": str(error)}, headers={"Retry-After": "10"})
+
+    @app.exception_handler(JobFailed)
+    async def job_failed(_: Request, error: JobFailed):  # the server's fault, not the request's: try again later
+        return JSONBody(status_code=503, content={"error": "JobFailed", "detail": str(error)}, headers={"Retry-After": "10"})
 
     @app.exception_handler(RequestError)
     async def request_error(_: Request, error: RequestError):

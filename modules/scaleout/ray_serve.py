@@ -27,13 +27,13 @@ from typing import Any
 import ray
 import torch
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from modules.app.config import ROOT, Flags, Settings
 from modules.context import AppContext
 from modules.generation import pipeline
 from modules.generation.request import GenerationRequest
-from modules.service.jobs import Job
+from modules.service.jobs import Job, JobFailed
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,6 @@ CONTROL = "job-control"
 POLL_SECONDS = 0.2  # how often a replica reports progress and reads Interrupt and Skip
 TRIES = 2
 REPLICA_DIED = (ActorDiedError, ActorUnavailableError, RayActorError)
-
-
-class JobFailed(RuntimeError):
-    """A job whose replica died under it on every try; the message names the job and why."""
 
 
 @ray.remote(num_cpus=0)
@@ -125,6 +121,19 @@ class GenerationReplica:
         yield Finished(work.result(), self.name, self.ctx.models.loads)
 
 
+def _connect(flags: Flags) -> None:
+    # Replicas import this project's code from where it lies here (on a cluster: the same
+    # folder on every host).
+    runtime_env = {"env_vars": {"PYTHONPATH": str(ROOT)}}
+    if flags.ray_address:
+        ray.init(address=flags.ray_address, namespace=NAMESPACE, runtime_env=runtime_env, log_to_driver=False)
+    else:
+        # Never fewer CPUs than the replicas reserve: Ray would wait for them for ever.
+        ray.init(num_cpus=max(os.cpu_count() or 1, (flags.workers or 1) * (flags.threads or 1)), namespace=NAMESPACE,
+                 runtime_env=runtime_env, include_dashboard=False, log_to_driver=False)
+        atexit.register(ray.shutdown)
+
+
 class RayServeBackend:
     """Stands in for pipeline.generate: runs each job on a replica, as JobQueue's `elsewhere`
     jobs, `replicas` of them at once."""
@@ -136,21 +145,14 @@ class RayServeBackend:
         self.control = control
         self.replicas = replicas
         self.loads: dict[str, int] = {}  # replica -> checkpoints it has read, as last reported
+        self.placed: dict[str, str] = {}  # job id -> the replica running it
 
     @classmethod
     def start(cls, flags: Flags) -> "RayServeBackend":
         """Joins the cluster at --ray-address, or starts a local Ray instance, and deploys the
         replicas: --workers of them, or one per GPU of the cluster (one, if it has none)."""
-        # Replicas import this project's code from where it lies here (on a cluster: the same
-        # folder on every host).
-        runtime_env = {"env_vars": {"PYTHONPATH": str(ROOT)}}
-        if flags.ray_address:
-            ray.init(address=flags.ray_address, namespace=NAMESPACE, runtime_env=runtime_env, log_to_driver=False)
-        else:
-            # Never fewer CPUs than the replicas reserve: Ray would wait for them for ever.
-            ray.init(num_cpus=max(os.cpu_count() or 1, (flags.workers or 1) * (flags.threads or 1)), namespace=NAMESPACE,
-                     runtime_env=runtime_env, include_dashboard=False, log_to_driver=False)
-        atexit.register(ray.shutdown)
+        if not ray.is_initialized():  # a second app in this process (tests) shares the instance
+            _connect(flags)
         gpus = int(ray.cluster_resources().get("GPU", 0))
         replicas = flags.workers or max(gpus, 1)
         if gpus >= replicas:
@@ -160,7 +162,7 @@ class RayServeBackend:
         # Replicas run what this process runs, on the device Serve gives them, never scaling out themselves.
         replica_flags = replace(flags, device=device, workers=None, ray_address=None, threads=flags.threads or 1)
         control = JobControl.options(name=CONTROL, namespace=NAMESPACE, get_if_exists=True).remote()
-        serve.start(http_options={"location": "NoServer"})
+        serve.start(proxy_location="Disabled")  # the front end serves HTTP
         deployment = serve.deployment(GenerationReplica, name="GenerationReplica", num_replicas=replicas,
                                       max_ongoing_requests=1, ray_actor_options=resources)
         handle = serve.run(deployment.bind(replica_flags), name=APP, route_prefix=None)
@@ -182,6 +184,8 @@ class RayServeBackend:
                 try:
                     result = self._run(request, ctx.settings, job, model_id)
                     break
+                except RayTaskError as e:  # the job's own error (a missing LoRA...), as generate here raises it
+                    raise (e.cause if isinstance(e.cause, Exception) else e) from None
                 except REPLICA_DIED as e:
                     reason = str(e).splitlines()[0]
                     log.warning("job %s: its replica died (%s); try %d of %d", job.id, reason, attempt, TRIES)
@@ -190,6 +194,7 @@ class RayServeBackend:
                     job.step = job.total_steps = 0
         finally:
             self.control.forget.remote(job.id)
+            self.placed.pop(job.id, None)
         if ctx.settings.save_images if save is None else save:
             result.paths = [pipeline.save_picture(ctx, result.request, image, seed, infotext)
                             for image, seed, infotext in zip(result.images, result.seeds, result.infotexts)]
@@ -204,6 +209,7 @@ class RayServeBackend:
                     log.info("replica %s has loaded %d checkpoint%s", event.replica, event.loads, "s" if event.loads != 1 else "")
                 self.loads[event.replica] = event.loads
                 return event.result
+            self.placed[job.id] = event.replica
             job.step, job.total_steps, job.status = event.step, event.total_steps, event.status
             if event.preview is not None:
                 job.preview, job.preview_id = event.preview, job.preview_id + 1

@@ -67,6 +67,11 @@ class QueueFull(Exception):
     """The queue holds as many waiting jobs as it may (--queue-size); the message says so."""
 
 
+class JobFailed(RuntimeError):
+    """A job that could not run for a reason outside its request (the worker it ran on died);
+    the message names the job and the reason."""
+
+
 class JobCancelled(Exception):
     """The job was cancelled (by its owner, or because its caller went away) before it started."""
 
