@@ -138,7 +138,12 @@ def main(argv: list[str] | None = None) -> None:
         log.warning("listening on %s:%d without sign-in: anyone who can reach it can use %s", flags.host, flags.port, door)
     app, _ = create_app(flags, sign_ins)
     print(f"Running on http://{flags.host}:{flags.port}", flush=True)
-    uvicorn.run(app, host=flags.host, port=flags.port, log_level="warning")
+    # The server object itself, so that POST /sdapi/v1/server-stop (--api-server-stop) can end it;
+    # an open browser tab holds a stream open, which the stop waits for only so long.
+    config = uvicorn.Config(app, host=flags.host, port=flags.port, log_level="warning", timeout_graceful_shutdown=10)
+    server = uvicorn.Server(config)
+    app.state.server = server
+    server.run()
 
 
 if __name__ == "__main__":

@@ -192,8 +192,11 @@ PNG_INFO = bodies({"image": st.one_of(
     TEXT, JUNK)}, {"image": PICTURE})
 CREATE = bodies(field_values(CreateEmbeddingBody, {"name": st.one_of(st.sampled_from(["fuzz", "fuzz.2"]), TEXT)}),
                 {"name": "fuzz"})
-OPTIONS = bodies({"sd_model_checkpoint": st.one_of(st.just("tiny.safetensors"), TEXT, JUNK), "CLIP_stop_at_last_layers": JUNK},
-                 {})
+OPTIONS = bodies({"sd_model_checkpoint": st.one_of(st.just("tiny.safetensors"), TEXT, JUNK), "CLIP_stop_at_last_layers": JUNK,
+                  "sd_vae": st.one_of(st.sampled_from(["Automatic", "None"]), TEXT, JUNK), "ESRGAN_tile": st.one_of(NUMBER, JUNK),
+                  "samples_save": JUNK, "show_progress_every_n_steps": st.one_of(NUMBER, JUNK), "samples_format": JUNK}, {})
+INTERROGATE = bodies({"image": st.one_of(st.just(PICTURE), TEXT, JUNK),
+                      "model": st.one_of(st.sampled_from(["clip", "deepdanbooru"]), TEXT)}, {"image": PICTURE})
 
 
 def train_bodies(root):
@@ -262,8 +265,16 @@ def test_options(fuzz, body):
     post(fuzz[0], "/options", body)
 
 
-@examples(10)
-@given(path=st.sampled_from(["/refresh-checkpoints", "/interrupt", "/skip"]), body=JUNK)
+@examples(20)
+@given(body=INTERROGATE)
+def test_interrogate(fuzz, body):
+    post(fuzz[0], "/interrogate", body)
+
+
+@examples(30)
+@given(path=st.sampled_from(["/refresh-checkpoints", "/interrupt", "/skip", "/refresh-vae", "/refresh-embeddings",
+                             "/refresh-loras", "/unload-checkpoint", "/reload-checkpoint", "/create/hypernetwork",
+                             "/train/hypernetwork", "/server-stop", "/server-restart", "/server-kill"]), body=JUNK)
 def test_routes_without_a_body(fuzz, path, body):
     post(fuzz[0], path, body)
 

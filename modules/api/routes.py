@@ -13,11 +13,11 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modules.api import models as api
-from modules.api import postprocessing, training
+from modules.api import postprocessing, system, training
 from modules.api.auth import BasicAuth, caller, signed_in
 from modules.api.images import decode_bytes, encode_png
 from modules.app.errors import RequestError
-from modules.app.fields import limits
+from modules.app.fields import Bounds, limits
 from modules.generation import options, pipeline
 from modules.generation.request import GenerationRequest, Img2ImgRequest
 from modules.images import image_info
@@ -33,6 +33,34 @@ OVERRIDES = {
     "CLIP_stop_at_last_layers": "clip_skip",
     "randn_source": "noise_source",
     "inpainting_mask_weight": "inpainting_mask_weight",
+}
+
+
+def _whole(low: int, high: int):
+    rule = Bounds(low, high)
+    return lambda ctx, name, value: rule.problem(name, value)
+
+
+def _true_or_false(ctx, name: str, value) -> str | None:
+    return None if isinstance(value, bool) else f"{name} must be true or false, got {value!r}"
+
+
+def _vae_choice(ctx, name: str, value) -> str | None:
+    choices = ["Automatic", "None", *(p.name for p in ctx.models.vaes())]
+    return None if value in choices else f"{name} must be one of {', '.join(choices)}, got {value!r}"
+
+
+# The server's settings (config.json, the Settings tab) by the option names A1111 clients use,
+# ours where A1111 has none: option -> (Settings field, what is wrong with a value). The
+# checkpoint and the noise source are each caller's own (OVERRIDES); their server defaults come
+# from --ckpt and config.json.
+SERVER_OPTIONS = {
+    "sd_vae": ("sd_vae", _vae_choice),
+    "show_progress_every_n_steps": ("live_preview_every", _whole(0, 50)),
+    "samples_save": ("save_images", _true_or_false),
+    "filename_prompt_max": ("filename_prompt_max", _whole(0, 200)),
+    "ESRGAN_tile": ("upscaler_tile", _whole(0, 512)),
+    "ESRGAN_tile_overlap": ("upscaler_tile_overlap", _whole(0, 64)),
 }
 
 
@@ -141,18 +169,25 @@ def create_router(ctx) -> APIRouter:
 
     @router.get("/options")
     def get_options(http: Request):
-        """The per-request options as the caller's requests get them: their own choices, else
-        the server's defaults."""
+        """The per-request options as the caller's requests get them (their own choices, else
+        the server's defaults), and the server's settings."""
         default = ctx.models.default_checkpoint()
         return {"sd_model_checkpoint": default.title if default else None,
                 "CLIP_stop_at_last_layers": GenerationRequest.clip_skip, "randn_source": ctx.settings.noise_source,
                 "inpainting_mask_weight": Img2ImgRequest.inpainting_mask_weight,
+                **{name: getattr(ctx.settings, field) for name, (field, _) in SERVER_OPTIONS.items()},
                 **ctx.preferences.of(signed_in(http))}
 
     @router.post("/options")
     def set_options(options: dict, http: Request):
-        """Sets the caller's own choices, nobody else's. A checkpoint is loaded by the first job
-        that uses it, in the queue, never beside a running job."""
+        """Sets the caller's own choices, nobody else's, and the server's settings (saved in
+        config.json). Every value is checked before any is set. A name this server does not know
+        is refused, so that no client believes an option took that did not. A checkpoint is
+        loaded by the first job that uses it, in the queue, never beside a running job."""
+        unknown = [key for key in options if key not in OVERRIDES and key not in SERVER_OPTIONS]
+        if unknown:
+            raise HTTPException(422, f"unknown option{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+                                     f"this server has {', '.join([*OVERRIDES, *SERVER_OPTIONS])}")
         chosen = _normalized({key: value for key, value in options.items() if key in OVERRIDES})
         fields = {f.name: f for f in dataclasses.fields(Img2ImgRequest)}
         for key, value in chosen.items():
@@ -160,12 +195,22 @@ def create_router(ctx) -> APIRouter:
             problem = rule.problem(key, value) if rule else None
             if problem:
                 raise HTTPException(422, problem)
+        settings = {}
+        for key, value in options.items():
+            if key in SERVER_OPTIONS:
+                field, check = SERVER_OPTIONS[key]
+                problem = check(ctx, key, value)
+                if problem:
+                    raise HTTPException(422, problem)
+                settings[field] = value
         if "sd_model_checkpoint" in chosen:
             try:
                 chosen["sd_model_checkpoint"] = ctx.models.find_checkpoint(str(chosen["sd_model_checkpoint"])).title
             except LookupError as e:
                 raise HTTPException(404, str(e))
         ctx.preferences.choose(signed_in(http), **chosen)
+        if settings:
+            ctx.update_settings(**settings)
         return get_options(http)
 
     @router.get("/embeddings", response_model=api.EmbeddingsResponse)
@@ -267,6 +312,7 @@ def install(app: FastAPI, ctx, sign_in: SignIn | None = None) -> None:
         app.add_middleware(BasicAuth, sign_in=sign_in)
     app.include_router(create_router(ctx), default_response_class=JSONBody)
     app.include_router(postprocessing.create_router(ctx), default_response_class=JSONBody)
+    app.include_router(system.create_router(ctx), default_response_class=JSONBody)
 
     @app.exception_handler(QueueFull)
     async def queue_full(_: Request, error: QueueFull):

@@ -27,6 +27,7 @@ class Flags:
     medvram: bool = False
     lowvram: bool = False
     api: bool = True
+    api_server_stop: bool = False  # POST /sdapi/v1/server-stop, -restart and -kill may end the server
     threads: int | None = None
     allowed_paths: tuple[Path, ...] = ()  # folders besides data_dir that requests may name (--allowed-path)
     queue_size: int | None = None  # how many jobs may wait; None: no bound
@@ -53,6 +54,7 @@ def parse_flags(argv: list[str] | None = None) -> Flags:
     p.add_argument("--medvram", action="store_true", help="keep only the part in use on the GPU")
     p.add_argument("--lowvram", action="store_true", help="move the UNet to the GPU block by block")
     p.add_argument("--nowebui-api-off", dest="api", action="store_false", help="do not serve /sdapi/v1")
+    p.add_argument("--api-server-stop", action="store_true", help="let /sdapi/v1/server-stop, -restart and -kill end the server")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
     p.add_argument("--queue-size", type=int, metavar="N",
                    help="at most N jobs wait for the model; further requests are refused (HTTP 429)")
@@ -88,6 +90,7 @@ def parse_flags(argv: list[str] | None = None) -> Flags:
         medvram=a.medvram,
         lowvram=a.lowvram,
         api=a.api,
+        api_server_stop=a.api_server_stop,
         threads=a.threads,
         allowed_paths=tuple(allowed),
         queue_size=a.queue_size,
