@@ -17,8 +17,7 @@ from modules.service.jobs import Job
 
 
 def request_from_body(body: api.ExtrasBody) -> extras.ExtrasRequest:
-    if body.gfpgan_visibility or body.codeformer_visibility:
-        raise HTTPException(422, "face restoration (GFPGAN, CodeFormer) is not available; leave its visibility at 0")
+    # upscale_first is taken and, as in A1111, changes nothing: faces are restored after upscaling.
     return extras.ExtrasRequest(**body.request_fields())
 
 

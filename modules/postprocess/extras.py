@@ -1,12 +1,16 @@
-"""Extras: upscaling finished pictures, one or many, as A1111's "Extras" tab does.
+"""Extras: upscaling finished pictures, one or many, and restoring their faces, as A1111's
+"Extras" tab does.
 
     ExtrasRequest          what was asked (validated once, like a GenerationRequest)
     run(ctx, request, inputs)   each input picture -> upscaled picture, its text, its file
 
+Each picture is upscaled, then its faces are restored by GFPGAN, then by CodeFormer, each blended
+in by its visibility: A1111's order (its postprocessing scripts' order 1000, 2000, 3000).
+
 A result keeps the text its source carried (the "parameters" of the generation, read from a
 PNG chunk or a JPEG/WebP EXIF comment) and adds A1111's postprocessing line,
-"Postprocess upscale by: 2, Postprocess upscaler: Lanczos", in the "postprocessing" and
-"extras" chunks where A1111 writes it.
+"Postprocess upscale by: 2, Postprocess upscaler: Lanczos, GFPGAN visibility: 0.5", in the
+"postprocessing" and "extras" chunks where A1111 writes it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from modules.app.config import Paths
 from modules.app.fields import bounded, indexed
 from modules.images import image_info, storage
 from modules.images.infotext import format_params_line
+from modules.postprocess.face_restore import CODEFORMER, GFPGAN, FaceRestorers, Restorer
 from modules.postprocess.upscalers import NONE, target_size
 from modules.service.jobs import Job
 
@@ -47,6 +52,9 @@ class ExtrasRequest:
     upscaler_1: str = NONE.name
     upscaler_2: str = NONE.name
     upscaler_2_visibility: float = bounded(0.0, 0, 1, whole=False)
+    gfpgan_visibility: float = bounded(0.0, 0, 1, whole=False)  # 0: no GFPGAN; 1: its faces alone
+    codeformer_visibility: float = bounded(0.0, 0, 1, whole=False)
+    codeformer_weight: float = bounded(0.0, 0, 1, whole=False)  # 0: CodeFormer's strongest change; 1: its weakest
 
     def validate(self, upscaler_names: Iterable[str]) -> "ExtrasRequest":
         names = list(upscaler_names)
@@ -57,7 +65,15 @@ class ExtrasRequest:
         if problems:
             raise ExtrasError("; ".join(problems))
         return dataclasses.replace(self, upscaling_resize=float(self.upscaling_resize),
-                                   upscaler_2_visibility=float(self.upscaler_2_visibility), upscaling_crop=bool(self.upscaling_crop))
+                                   upscaler_2_visibility=float(self.upscaler_2_visibility),
+                                   upscaling_crop=bool(self.upscaling_crop), gfpgan_visibility=float(self.gfpgan_visibility),
+                                   codeformer_visibility=float(self.codeformer_visibility),
+                                   codeformer_weight=float(self.codeformer_weight))
+
+    def face_restorers(self) -> list[Restorer]:
+        """The face restorers this request uses, in the order they run."""
+        chosen = ((GFPGAN, self.gfpgan_visibility), (CODEFORMER, self.codeformer_visibility))
+        return [restorer for restorer, visibility in chosen if visibility > 0]
 
 
 @dataclass
@@ -120,6 +136,24 @@ def upscale_one(ctx, request: ExtrasRequest, image: Image.Image) -> tuple[Image.
     return result, info
 
 
+def restore_faces(restorers: FaceRestorers, request: ExtrasRequest, image: Image.Image) -> tuple[Image.Image, dict[str, object]]:
+    """The picture's faces restored by GFPGAN, then CodeFormer, each blended in by its visibility,
+    with A1111's postprocessing info for them."""
+    info: dict[str, object] = {}
+    if request.gfpgan_visibility > 0:
+        image = blend(image, restorers.restore(image, GFPGAN), request.gfpgan_visibility)
+        info["GFPGAN visibility"] = round(request.gfpgan_visibility, 3)
+    if request.codeformer_visibility > 0:
+        image = blend(image, restorers.restore(image, CODEFORMER, request.codeformer_weight), request.codeformer_visibility)
+        info["CodeFormer visibility"] = round(request.codeformer_visibility, 3)
+        info["CodeFormer weight"] = round(request.codeformer_weight, 3)
+    return image, info
+
+
+def blend(image: Image.Image, restored: Image.Image, visibility: float) -> Image.Image:
+    return restored if visibility >= 1 else Image.blend(image, restored, visibility)
+
+
 def read_inputs(paths: Iterable[Path]) -> tuple[list[ExtrasInput], list[str]]:
     """(the pictures that could be read, a message for each file that could not)."""
     inputs, problems = [], []
@@ -148,12 +182,17 @@ def directory_inputs(paths: Paths, folder: str | Path) -> tuple[list[ExtrasInput
 
 
 def run(ctx, request: ExtrasRequest, inputs: list[ExtrasInput], output_dir: Path | None = None,
-        job: Job | None = None, save: bool = True) -> ExtrasResult:
-    """Upscales every input; saves each as outputs/extras-images/<date>/NNNNN-<name>.png (or in
-    `output_dir`, which must lie under an allowed root) when `save` is set."""
+        job: Job | None = None, save: bool = True, restorers: FaceRestorers | None = None) -> ExtrasResult:
+    """Upscales every input and restores its faces; saves each as
+    outputs/extras-images/<date>/NNNNN-<name>.png (or in `output_dir`, which must lie under an
+    allowed root) when `save` is set. The face restorers' networks are read once for the run,
+    unless `restorers` that already hold them are given."""
     request = request.validate(ctx.upscalers.names())
     if not inputs:
         raise ExtrasError("no picture given")
+    restorers = restorers or FaceRestorers(ctx.paths.models, ctx.models.policy.device)
+    for restorer in request.face_restorers():
+        restorers.check(restorer)  # a missing file is named before any picture is worked on
     job = job or Job()
     job.total_steps = len(inputs)
     if output_dir and str(output_dir).strip():
@@ -167,7 +206,8 @@ def run(ctx, request: ExtrasRequest, inputs: list[ExtrasInput], output_dir: Path
             break
         job.status = f"Picture {index + 1} of {len(inputs)}"
         image, info = upscale_one(ctx, request, source.image)
-        line = format_params_line(info)
+        image, faces = restore_faces(restorers, request, image)
+        line = format_params_line({**info, **faces})
         carried = image_info.read_info(source.image)
         text = {**carried.items, "postprocessing": line, "extras": line} if line else dict(carried.items)
         png = storage.png_bytes(image, carried.parameters or None, text)

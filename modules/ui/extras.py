@@ -46,6 +46,15 @@ def build(ctx) -> PasteTarget:
             with gr.Row():
                 upscaler_2 = gr.Dropdown(names, value=defaults.upscaler_2, label="Upscaler 2", elem_id="extras_upscaler_2")
                 visibility = gr.Slider(0.0, 1.0, value=defaults.upscaler_2_visibility, step=0.001, label="Upscaler 2 visibility", elem_id="extras_upscaler_2_visibility")
+            # Faces are restored after upscaling, in this order, as in A1111; files in models/GFPGAN and models/Codeformer.
+            gfpgan = gr.Slider(0.0, 1.0, value=defaults.gfpgan_visibility, step=0.001, label="GFPGAN visibility",
+                               elem_id="extras_gfpgan_visibility")
+            with gr.Row():
+                codeformer = gr.Slider(0.0, 1.0, value=defaults.codeformer_visibility, step=0.001, label="CodeFormer visibility",
+                                       elem_id="extras_codeformer_visibility")
+                codeformer_weight = gr.Slider(0.0, 1.0, value=defaults.codeformer_weight, step=0.001,
+                                              label="CodeFormer weight (0 = maximum effect, 1 = minimum effect)",
+                                              elem_id="extras_codeformer_weight")
         with gr.Column():
             progress = gr.HTML(elem_id="extras_progress")
             gallery = gr.Gallery(label="Result", columns=2, elem_id="extras_gallery", format="png")
@@ -67,13 +76,15 @@ def build(ctx) -> PasteTarget:
             return extras.read_inputs(files)
         return extras.directory_inputs(ctx.paths, input_dir or "")
 
-    def run(source, image, files, input_dir, output_dir, resize_mode, scale, width, height, crop, upscaler_1, upscaler_2, visibility,
-            http: gr.Request):
+    def run(source, image, files, input_dir, output_dir, resize_mode, scale, width, height, crop, upscaler_1, upscaler_2,
+            visibility, gfpgan, codeformer, codeformer_weight, http: gr.Request):
         try:
             request = extras.ExtrasRequest(
                 resize_mode=int(resize_mode), upscaling_resize=float(scale),
                 upscaling_resize_w=int(width or 0), upscaling_resize_h=int(height or 0), upscaling_crop=bool(crop),
                 upscaler_1=upscaler_1 or "None", upscaler_2=upscaler_2 or "None", upscaler_2_visibility=float(visibility),
+                gfpgan_visibility=float(gfpgan), codeformer_visibility=float(codeformer),
+                codeformer_weight=float(codeformer_weight),
             ).validate(ctx.upscalers.names())
             inputs, problems = inputs_of(source, image, files, input_dir)
         except (ValueError, TypeError) as e:
@@ -95,7 +106,8 @@ def build(ctx) -> PasteTarget:
 
     run_button.click(
         run,
-        inputs=[source, image, files, input_dir, output_dir, resize_mode, scale, width, height, crop, upscaler_1, upscaler_2, visibility],
+        inputs=[source, image, files, input_dir, output_dir, resize_mode, scale, width, height, crop, upscaler_1, upscaler_2,
+                visibility, gfpgan, codeformer, codeformer_weight],
         outputs=[progress, gallery, info],
         concurrency_limit=None,
     )
