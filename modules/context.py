@@ -12,6 +12,7 @@ from modules.networks.embeddings import EmbeddingDatabase
 from modules.networks.lora import LoraLibrary
 from modules.postprocess.upscalers import Tiling, Upscalers
 from modules.prompting.styles import StyleLibrary
+from modules.service.hooks import Hooks
 from modules.service.jobs import JobQueue
 from modules.service.preferences import Preferences
 
@@ -31,6 +32,7 @@ class AppContext:
     # A scale-out backend's stand-in for pipeline.generate, which runs the job elsewhere; None:
     # generation runs in this process (pipeline.generator chooses).
     generator: Callable[..., Any] | None = None
+    hooks: Hooks = field(default_factory=Hooks)  # the extensions' functions at every job's hook points
 
     @classmethod
     def create(cls, flags: Flags, generator: Callable[..., Any] | None = None) -> "AppContext":

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from modules.app.fields import limits
+from modules.app.fields import limits, text_problem
 from modules.generation.request import GenerationRequest, Img2ImgRequest
 from modules.postprocess.extras import ExtrasRequest
 
@@ -76,11 +76,23 @@ class GenerationApiFields(RequestBody):
     override_settings_restore_afterwards: bool = True  # False: they become the caller's own choices
     send_images: bool = True
     save_images: bool = False
+    script_name: str | None = None  # a selectable script's title (any case), with its arguments in order
+    script_args: list[Any] = Field(default_factory=list)
+    alwayson_scripts: dict[str, Any] = Field(default_factory=dict)  # title -> {"args": [...]}
+
+    @model_validator(mode="after")
+    def _writable_text(self):
+        """The free-form fields are echoed back in the answer and scripts may write them into files."""
+        for name in ("sampler_index", "override_settings", "script_name", "script_args", "alwayson_scripts"):
+            problem = text_problem(name, getattr(self, name))
+            if problem:
+                raise ValueError(problem)
+        return self
 
 
 # A1111 names the batch count n_iter; the checkpoint, clip skip, the noise source and the mask
 # weight come in override_settings (see routes.OVERRIDES), the outpainting fields from the
-# script's arguments.
+# outpainting script's arguments.
 GENERATION_API_NAMES = {"batch_count": "n_iter"}
 NOT_BODY_FIELDS = ("checkpoint", "clip_skip", "noise_source", "inpainting_mask_weight")
 HIRES_FIELDS = tuple(f.name for f in dataclasses.fields(GenerationRequest) if f.name.startswith("hr_")) + ("enable_hr",)
@@ -95,8 +107,6 @@ class Img2ImgApiFields(GenerationApiFields):
     mask_blur_x: int | None = None  # A1111's blur across and down; equal, or mask_blur is sent instead
     mask_blur_y: int | None = None
     include_init_images: bool = False
-    script_name: str | None = None
-    script_args: list[Any] = Field(default_factory=list)
 
 
 # A1111's API fills these with its processing class's defaults, which differ from its UI's (and ours).
@@ -178,6 +188,27 @@ class ProgressResponse(BaseModel):
     state: ProgressState
     current_image: str | None
     textinfo: str | None
+
+
+class ScriptArgItem(BaseModel):
+    label: str
+    value: Any = None
+    minimum: Any = None
+    maximum: Any = None
+    step: Any = None
+    choices: list[str] | None = None
+
+
+class ScriptInfoItem(BaseModel):
+    name: str
+    is_alwayson: bool
+    is_img2img: bool
+    args: list[ScriptArgItem]
+
+
+class ScriptsResponse(BaseModel):
+    txt2img: list[str]
+    img2img: list[str]
 
 
 class PngInfoBody(BaseModel):

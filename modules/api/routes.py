@@ -18,12 +18,12 @@ from modules.api.auth import BasicAuth, caller, signed_in
 from modules.api.images import decode_bytes, encode_png
 from modules.app.errors import RequestError
 from modules.app.fields import Bounds, limits
-from modules.generation import options, pipeline
 from modules.generation.request import GenerationRequest, Img2ImgRequest
 from modules.images import image_info
 from modules.images.infotext import parse_infotext
 from modules.sampling.registry import SAMPLERS
 from modules.sampling.schedules import SCHEDULES
+from modules.scripts.library import TABS, ScriptLibrary
 from modules.service.auth import SignIn
 from modules.service.jobs import Job, JobFailed, QueueFull
 
@@ -75,11 +75,6 @@ def img2img_request_from_body(body: api.Img2ImgBody, chosen: dict | None = None)
         if across != down:
             raise RequestError("different horizontal and vertical mask blur is not supported; send mask_blur")
         fields["mask_blur"] = across
-    if body.script_name:
-        if body.script_name.strip().lower() != options.OUTPAINT_SCRIPT.lower():
-            raise RequestError(f"script {body.script_name!r} is not available; img2img has: {options.OUTPAINT_SCRIPT}")
-        args = list(body.script_args[:4]) + list(options.OUTPAINT_DEFAULTS[len(body.script_args):])
-        fields.update(options.outpaint_fields(*args))
     return Img2ImgRequest(**fields)
 
 
@@ -101,18 +96,19 @@ def _normalized(options: dict) -> dict:
     return {**options, "randn_source": source.upper()} if isinstance(source, str) else options
 
 
-def create_router(ctx) -> APIRouter:
+def create_router(ctx, scripts: ScriptLibrary) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1")
 
     def run(make_request, body: api.GenerationApiFields, parameters: dict, http: Request):
         user = signed_in(http)
         try:
             request = make_request(body, ctx.preferences.of(user)).validate()
+            work = scripts.job(ctx, request.mode, body.script_name, body.script_args, body.alwayson_scripts)
         except (RequestError, TypeError) as e:
             raise HTTPException(422, str(e))
         try:
             job = Job(description=f"{request.mode} (api)", owner=caller(http))
-            result = ctx.jobs.run(job, pipeline.generator(ctx), ctx, request, save=body.save_images)
+            result = ctx.jobs.run(job, work, ctx, request, save=body.save_images)
         except LookupError as e:
             raise HTTPException(404, str(e))
         except ValueError as e:
@@ -146,6 +142,18 @@ def create_router(ctx) -> APIRouter:
         # As A1111: the (large) pictures are echoed back only when asked for.
         parameters = body.model_dump(exclude=set() if body.include_init_images else {"init_images", "mask"})
         return run(img2img_request_from_body, body, parameters, http)
+
+    @router.get("/scripts", response_model=api.ScriptsResponse)
+    def script_titles():
+        """The selectable scripts of each tab, lowercase as A1111 lists them."""
+        return api.ScriptsResponse(**{tab: [s.title.lower() for s in scripts.of(tab, always_on=False)] for tab in TABS})
+
+    @router.get("/script-info", response_model=list[api.ScriptInfoItem])
+    def script_info():
+        return [api.ScriptInfoItem(name=s.title.lower(), is_alwayson=s.always_on, is_img2img=tab == "img2img",
+                                   args=[api.ScriptArgItem(label=a.label, value=a.value, minimum=a.minimum, maximum=a.maximum,
+                                                           step=a.step, choices=list(a.choices) or None) for a in s.args])
+                for tab in TABS for s in scripts.of(tab)]
 
     @router.get("/samplers", response_model=list[api.SamplerItem])
     def samplers():
@@ -306,11 +314,12 @@ class JSONBody(JSONResponse):
             return json.dumps(_finite(content), ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
-def install(app: FastAPI, ctx, sign_in: SignIn | None = None) -> None:
-    """The /sdapi/v1 routes on `app`; with `sign_in`, each asks for HTTP Basic credentials."""
+def install(app: FastAPI, ctx, sign_in: SignIn | None = None, scripts: ScriptLibrary | None = None) -> None:
+    """The /sdapi/v1 routes on `app`; with `sign_in`, each asks for HTTP Basic credentials.
+    `scripts`: the app's script library (default: the built-in scripts)."""
     if sign_in is not None:
         app.add_middleware(BasicAuth, sign_in=sign_in)
-    app.include_router(create_router(ctx), default_response_class=JSONBody)
+    app.include_router(create_router(ctx, scripts or ScriptLibrary.builtin()), default_response_class=JSONBody)
     app.include_router(postprocessing.create_router(ctx), default_response_class=JSONBody)
     app.include_router(system.create_router(ctx), default_response_class=JSONBody)
 

@@ -95,12 +95,23 @@ def limits(field: dataclasses.Field) -> Bounds | Choices | None:
 UNWRITABLE = re.compile("[\x00\ud800-\udfff]")
 
 
+def _texts(value: Any):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _texts(key)
+            yield from _texts(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _texts(item)
+
+
 def text_problem(name: str, value: Any) -> str | None:
-    """What is wrong with text (or a list of texts) that a request holds: a character that
-    cannot be written to a file or a picture's text. None if all is well or it is no text."""
-    texts = value if isinstance(value, (list, tuple)) else (value,)
-    for text in texts:
-        found = UNWRITABLE.search(text) if isinstance(text, str) else None
+    """What is wrong with text that a request holds (alone, or anywhere in lists and mappings): a
+    character that cannot be written to a file or a picture's text. None if all is well."""
+    for text in _texts(value):
+        found = UNWRITABLE.search(text)
         if found:
             char = found.group()
             what = "NUL (U+0000)" if char == "\x00" else f"a lone surrogate (U+{ord(char):04X})"

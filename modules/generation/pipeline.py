@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from tqdm import tqdm
 from modules.app.errors import RequestError
 from modules.context import AppContext
 from modules.generation import hires, img2img
+from modules.generation.hooks import Pictures, SavedPicture, StepLatents
 from modules.generation.parameters import infotext_params
 from modules.generation.request import GenerationRequest, Img2ImgRequest
 from modules.images import storage
@@ -27,7 +29,10 @@ from modules.sampling.denoiser import CFGDenoiser, model_denoiser
 from modules.sampling.noise import image_noise
 from modules.sampling.registry import find_sampler, run_sampler
 from modules.sampling.schedules import get_sigmas, img2img_start, img2img_steps
+from modules.service.hooks import Hooks
 from modules.service.jobs import Job, SamplingStopped
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -181,18 +186,46 @@ def _hires_pass(sd_model, request, latents, seeds, ctx, using, on_step, embeddin
         return stopped.latent
 
 
-def save_picture(ctx: AppContext, request: GenerationRequest, image: Image.Image, seed: int, infotext: str) -> Path:
-    """One picture as a PNG, its infotext inside, in today's folder of the request's mode."""
+def save_picture(ctx: AppContext, request: GenerationRequest, image: Image.Image, seed: int, infotext: str,
+                 hooks: Hooks | None = None) -> Path:
+    """One picture as a PNG, its infotext inside, in today's folder of the request's mode; then
+    the saved hooks hear of it."""
     outdir = storage.dated_dir(ctx.paths.outputs, request.mode)
-    return storage.save_image(image, outdir, seed=seed, prompt=request.prompt, infotext=infotext)
+    path = storage.save_image(image, outdir, seed=seed, prompt=request.prompt, infotext=infotext)
+    if hooks is not None and hooks.saved:
+        hooks.saved(SavedPicture(path, infotext, request))
+    return path
 
 
-def resolved(ctx: AppContext, request: GenerationRequest) -> GenerationRequest:
+def resolved(ctx: AppContext, request: GenerationRequest, hooks: Hooks | None = None) -> GenerationRequest:
     """The request as it runs: validated before its styles are written into the prompts (their
-    names) and after (the prompts they make), seed fixed so every image can be reproduced."""
+    names) and after (the prompts they make), seed fixed so every image can be reproduced; then
+    as the request hooks leave it, resolved again if they changed it."""
     request = request.validate()
     prompt, negative = ctx.styles.apply(request.prompt, request.negative_prompt, request.styles)
-    return request.replace(prompt=prompt, negative_prompt=negative, styles=()).validate().with_seed_resolved()
+    request = request.replace(prompt=prompt, negative_prompt=negative, styles=()).validate().with_seed_resolved()
+    if hooks is not None and hooks.request:
+        changed = hooks.request(request, type(request))
+        if changed is not request:
+            request = resolved(ctx, changed)
+    return request
+
+
+def hooked_pictures(hooks: Hooks, request: GenerationRequest, batch_index: int, images: list[Image.Image],
+                    seeds: list[int]) -> list[Image.Image]:
+    """A batch's pictures as the pictures hooks leave them; a hook's answer of another number or
+    size of pictures is refused (logged) and the pictures stay as they were."""
+    if not hooks.pictures:
+        return images
+    given = Pictures(request, batch_index, tuple(image.copy() for image in images), tuple(seeds))
+    changed = hooks.pictures(given, Pictures)
+    if changed is given:
+        return images
+    if [i.size for i in changed.images] != [i.size for i in images]:
+        log.error("a pictures hook returned %d pictures where the batch has %d of size %s; ignored",
+                  len(changed.images), len(images), images[0].size if images else None)
+        return images
+    return list(changed.images)
 
 
 def generator(ctx: AppContext) -> Callable[..., Result]:
@@ -203,13 +236,14 @@ def generator(ctx: AppContext) -> Callable[..., Result]:
 
 def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None, save: bool | None = None) -> Result:
     """Runs every batch of the request; `save` None follows the user's setting."""
-    # 1. The request as it will run; the LoRA files the prompt names are found (or the job stops
-    #    here, naming the one missing).
-    request = resolved(ctx, request)
+    # 1. The request as it will run (after the hooks); the LoRA files the prompt names are found
+    #    (or the job stops here, naming the one missing).
+    job = job or Job()
+    hooks = ctx.hooks.joined(job.hooks)
+    request = resolved(ctx, request, hooks)
     loras = ctx.loras.resolve(request.prompt)
     if request.enable_hr:
         hires.check_upscaler(request, ctx.upscalers)
-    job = job or Job()
     result = Result(request=request)
 
     # 2. The model and what stays the same for every batch.
@@ -262,6 +296,8 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
                 done = before + d["i"] + 1
                 job.step = first_step + done
                 progress.update(job.step - progress.n)
+                if hooks.step:
+                    hooks.step(StepLatents(request, batch_index, done, steps, d["denoised"].detach().to("cpu", copy=True)))
                 if job.interrupted or job.skipped:
                     raise SamplingStopped(d["denoised"])
                 if preview_every and (d["i"] + 1) % preview_every == 0 and done < steps:
@@ -292,6 +328,7 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
                 images = latents_to_images(sd_model, latents)
             if prepared is not None:
                 images = prepared.finish(images)
+            images = hooked_pictures(hooks, request, batch_index, images, batch_seeds)
 
             # 7. Infotext and PNG on disk, one per image.
             for image, seed in zip(images, batch_seeds):
@@ -304,7 +341,7 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
                     | network_params | (refiner_params or {}),
                 )
                 if save:
-                    result.paths.append(save_picture(ctx, request, image, seed, infotext))
+                    result.paths.append(save_picture(ctx, request, image, seed, infotext, hooks))
                 result.images.append(image)
                 result.infotexts.append(infotext)
                 result.seeds.append(seed)

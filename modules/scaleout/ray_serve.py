@@ -173,7 +173,10 @@ class RayServeBackend:
     def __call__(self, ctx: AppContext, request: GenerationRequest, job: Job | None = None,
                  save: bool | None = None) -> pipeline.Result:
         job = job or Job()
-        request = pipeline.resolved(ctx, request)  # styles and seed here, so that every try draws the same
+        # Styles, seed and the request hooks here, so that every try draws the same. The other hooks
+        # run here too, but for the step hooks, which stay with this process.
+        hooks = ctx.hooks.joined(job.hooks)
+        request = pipeline.resolved(ctx, request, hooks)
         info = ctx.models.find_checkpoint(request.checkpoint) if request.checkpoint else ctx.models.default_checkpoint()
         if info is None:
             raise LookupError("No checkpoint found: put a .safetensors or .ckpt file in models/Stable-diffusion")
@@ -195,8 +198,12 @@ class RayServeBackend:
         finally:
             self.control.forget.remote(job.id)
             self.placed.pop(job.id, None)
+        size = result.request.batch_size
+        for start in range(0, len(result.images), size):
+            result.images[start:start + size] = pipeline.hooked_pictures(
+                hooks, result.request, start // size, result.images[start:start + size], result.seeds[start:start + size])
         if ctx.settings.save_images if save is None else save:
-            result.paths = [pipeline.save_picture(ctx, result.request, image, seed, infotext)
+            result.paths = [pipeline.save_picture(ctx, result.request, image, seed, infotext, hooks)
                             for image, seed, infotext in zip(result.images, result.seeds, result.infotexts)]
         return result
 

@@ -43,6 +43,7 @@ class Job:
     skipped: bool = False
     finished: bool = False
     status: str = ""
+    hooks: Any = None  # the job's own hook functions (service.hooks.Hooks), run after the app's
 
     def interrupt(self) -> None:
         self.interrupted = True
