@@ -253,7 +253,8 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
     model_hash = ctx.models.hash_of(checkpoint)
     seeds = request.seeds()
     steps = sampling_steps(request)
-    job.total_steps = request.batch_count * steps
+    # A script that runs several generations on one job sets the whole total before the first.
+    job.total_steps = max(job.total_steps, job.step + request.batch_count * steps)
     preview_every = ctx.settings.live_preview_every
     save = ctx.settings.save_images if save is None else save
     embeddings = ctx.embeddings.table(sd_model.text_width)

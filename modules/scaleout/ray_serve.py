@@ -182,6 +182,7 @@ class RayServeBackend:
             raise LookupError("No checkpoint found: put a .safetensors or .ckpt file in models/Stable-diffusion")
         request = request.replace(checkpoint=info.title)
         model_id = ctx.models.hash_of(info)
+        started_at = job.step
         try:
             for attempt in range(1, TRIES + 1):
                 try:
@@ -194,7 +195,7 @@ class RayServeBackend:
                     log.warning("job %s: its replica died (%s); try %d of %d", job.id, reason, attempt, TRIES)
                     if attempt == TRIES:
                         raise JobFailed(f"job {job.id} failed: its replica died on each of {TRIES} tries ({reason})") from e
-                    job.step = job.total_steps = 0
+                    job.step = started_at
         finally:
             self.control.forget.remote(job.id)
             self.placed.pop(job.id, None)
@@ -209,7 +210,7 @@ class RayServeBackend:
 
     def _run(self, request: GenerationRequest, settings: Settings, job: Job, model_id: str) -> pipeline.Result:
         stream = self.handle.options(multiplexed_model_id=model_id, stream=True).run.remote(request, settings, job.id)
-        skips, told = 0, (False, 0)
+        skips, told, done_before = 0, (False, 0), job.step
         for event in stream:
             if isinstance(event, Finished):
                 if self.loads.get(event.replica) != event.loads:
@@ -217,7 +218,9 @@ class RayServeBackend:
                 self.loads[event.replica] = event.loads
                 return event.result
             self.placed[job.id] = event.replica
-            job.step, job.total_steps, job.status = event.step, event.total_steps, event.status
+            # As in-process, progress adds up over the generations of one job (a script's).
+            job.step, job.status = done_before + event.step, event.status
+            job.total_steps = max(job.total_steps, done_before + event.total_steps)
             if event.preview is not None:
                 job.preview, job.preview_id = event.preview, job.preview_id + 1
             if job.skipped:  # the owner's Skip, passed on once
