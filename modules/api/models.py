@@ -219,6 +219,11 @@ class PngInfoResponse(BaseModel):
     info: str
     items: dict[str, Any]
     parameters: dict[str, Any]
+    # Pictures of other tools (ComfyUI, InvokeAI, NovelAI, Fooocus): the tool, what of its
+    # parameters did not map, and why its data could not be read, if it could not.
+    tool: str | None = None
+    not_mapped: list[str] = []
+    error: str | None = None
 
 
 class ExtrasApiFields(RequestBody):

@@ -19,7 +19,7 @@ from modules.api.images import decode_bytes, encode_png
 from modules.app.errors import RequestError
 from modules.app.fields import Bounds, limits
 from modules.generation.request import GenerationRequest, Img2ImgRequest
-from modules.images import image_info
+from modules.images import image_info, other_tools
 from modules.images.infotext import parse_infotext
 from modules.sampling.registry import SAMPLERS
 from modules.sampling.schedules import SCHEDULES
@@ -280,12 +280,19 @@ def create_router(ctx, scripts: ScriptLibrary) -> APIRouter:
 
     @router.post("/png-info", response_model=api.PngInfoResponse)
     def png_info(body: api.PngInfoBody):
-        _, info = image_info.read_bytes(decode_bytes(body.image), "image")
+        """A1111's answer; for another tool's picture, `info` and `parameters` hold what maps onto
+        this web UI's parameters, and `items` all the text the tool wrote."""
+        image, info = image_info.read_bytes(decode_bytes(body.image), "image")
         if info.error and not info.parameters:
             raise HTTPException(422, info.error)
-        prompt, negative, params = parse_infotext(info.parameters)
-        parameters = {"Prompt": prompt, "Negative prompt": negative, **params} if info.parameters else {}
-        return api.PngInfoResponse(info=info.parameters, items=info.items, parameters=parameters)
+        tool = other_tools.read(info, image.size if image is not None else None)
+        text, items = info.parameters, info.items
+        if tool is not None:
+            text, items = tool.infotext, {**({image_info.PARAMETERS: info.parameters} if info.parameters else {}), **items}
+        prompt, negative, params = parse_infotext(text)
+        parameters = {"Prompt": prompt, "Negative prompt": negative, **params} if text else {}
+        return api.PngInfoResponse(info=text, items=items, parameters=parameters, tool=tool and tool.tool,
+                                   not_mapped=list(tool.not_mapped) if tool else [], error=tool and tool.error)
 
     training.add_routes(router, ctx)
     return router
