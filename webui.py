@@ -17,7 +17,10 @@ from fastapi import FastAPI
 from modules.api import routes
 from modules.app.config import Flags, parse_flags
 from modules.context import AppContext
+from modules.extensions.loader import ExtensionSet
+from modules.scripts.library import ScriptLibrary
 from modules.service import auth
+from modules.ui import extensions as extensions_tab
 from modules.ui import extras as extras_tab
 from modules.ui import img2img as img2img_tab
 from modules.ui import merger as merger_tab
@@ -27,6 +30,7 @@ from modules.ui import train as train_tab
 from modules.ui import txt2img as txt2img_tab
 from modules.ui.common import error_message, user_of
 from modules.ui.paste import PasteTarget
+from modules.ui.scripts import extension_tab
 
 log = logging.getLogger("webui")
 
@@ -40,7 +44,7 @@ LOGIN_MESSAGE = (f"After {auth.Throttle.LIMIT} wrong passwords within {auth.Thro
                  "sign-in from that address pauses for a while.")
 
 
-def build_ui(ctx: AppContext) -> gr.Blocks:
+def build_ui(ctx: AppContext, scripts: ScriptLibrary, extensions: ExtensionSet) -> gr.Blocks:
     default = ctx.models.default_checkpoint()
     if default and ctx.generator is None:  # loaded before the server takes jobs, so that the first Generate is quick
         try:
@@ -60,9 +64,9 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
             model_status = gr.Markdown(elem_id="sd_checkpoint_status")
         with gr.Tabs() as tabs:
             with gr.Tab("txt2img", id="txt2img"):
-                fields = txt2img_tab.build(ctx, checkpoint)
+                fields = txt2img_tab.build(ctx, checkpoint, scripts, extensions.accordions("txt2img"))
             with gr.Tab("img2img", id="img2img"):
-                img2img_target, inpaint_target = img2img_tab.build(ctx, checkpoint)
+                img2img_target, inpaint_target = img2img_tab.build(ctx, checkpoint, scripts, extensions.accordions("img2img"))
             with gr.Tab("Extras", id="extras"):
                 extras_target = extras_tab.build(ctx)
             with gr.Tab("PNG Info", id="pnginfo"):
@@ -71,8 +75,14 @@ def build_ui(ctx: AppContext) -> gr.Blocks:
                 merger_tab.build(ctx, checkpoint)
             with gr.Tab("Train", id="train"):
                 train_tab.build(ctx, checkpoint)
+            for extension in extensions.running():
+                for title, build in extension.tabs:
+                    with gr.Tab(title):
+                        extension_tab(extension.name, title, build)
             with gr.Tab("Settings", id="settings"):
                 settings_tab.build(ctx)
+            with gr.Tab("Extensions", id="extensions"):
+                extensions_tab.build(extensions)
 
         def on_refresh(current):
             titles = [c.title for c in ctx.models.checkpoints()]
@@ -114,10 +124,12 @@ def create_app(flags: Flags, sign_ins: auth.SignIns | None = None) -> tuple[Fast
 
         generator = RayServeBackend.start(flags)
     ctx = AppContext.create(flags, generator)
+    scripts = ScriptLibrary.builtin()
+    extensions = ExtensionSet(ctx.paths.extensions, ctx.paths.extensions_file).load(scripts, ctx.hooks)
     app = FastAPI(title="Stable Diffusion web UI")
     if flags.api:
-        routes.install(app, ctx, sign_ins.api)
-    demo = build_ui(ctx)
+        routes.install(app, ctx, sign_ins.api, scripts, extensions)
+    demo = build_ui(ctx, scripts, extensions)
     demo.queue(default_concurrency_limit=4)
     login = {}
     if sign_ins.ui:

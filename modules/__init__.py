@@ -1,6 +1,7 @@
 """The web UI's code, in packages by responsibility. One request travels down this list and back:
 
     ui/, api/        Gradio tabs and /sdapi/v1 routes: widgets or JSON -> request, result -> widgets or JSON
+    extensions/      users' extensions from extensions/, each adding scripts, hooks, UI and routes
     scripts/         A1111's scripts (X/Y/Z plot...) on typed arguments and hook points, the script library
     scaleout/        generation on Ray Serve replicas (--workers, --ray-address), pipeline.generate's stand-in
     training/        textual-inversion training, the built-in model's dataset and trainer
@@ -37,5 +38,6 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("training",),
     ("scaleout",),
     ("scripts",),
+    ("extensions",),
     ("ui", "api"),
 )

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from modules.api import models as api
+from modules.api import extensions as extension_routes
 from modules.api import postprocessing, system, training
 from modules.api.auth import BasicAuth, caller, signed_in
 from modules.api.images import decode_bytes, encode_png
@@ -23,6 +24,7 @@ from modules.images import image_info, other_tools
 from modules.images.infotext import parse_infotext
 from modules.sampling.registry import SAMPLERS
 from modules.sampling.schedules import SCHEDULES
+from modules.extensions.loader import ExtensionSet
 from modules.scripts.library import TABS, ScriptLibrary
 from modules.service.auth import SignIn
 from modules.service.jobs import Job, JobFailed, QueueFull
@@ -321,12 +323,17 @@ class JSONBody(JSONResponse):
             return json.dumps(_finite(content), ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
-def install(app: FastAPI, ctx, sign_in: SignIn | None = None, scripts: ScriptLibrary | None = None) -> None:
+def install(app: FastAPI, ctx, sign_in: SignIn | None = None, scripts: ScriptLibrary | None = None,
+            extensions: ExtensionSet | None = None) -> None:
     """The /sdapi/v1 routes on `app`; with `sign_in`, each asks for HTTP Basic credentials.
-    `scripts`: the app's script library (default: the built-in scripts)."""
+    `scripts`: the app's script library (default: the built-in scripts); `extensions`: the
+    extensions found at start, listed, with their own routes."""
     if sign_in is not None:
         app.add_middleware(BasicAuth, sign_in=sign_in)
     app.include_router(create_router(ctx, scripts or ScriptLibrary.builtin()), default_response_class=JSONBody)
+    if extensions is not None:
+        app.include_router(extension_routes.create_router(extensions), default_response_class=JSONBody)
+        extension_routes.mount(app, extensions)
     app.include_router(postprocessing.create_router(ctx), default_response_class=JSONBody)
     app.include_router(system.create_router(ctx), default_response_class=JSONBody)
 

@@ -182,6 +182,16 @@ class Paths:
         return self.root / "config.json"
 
     @property
+    def extensions(self) -> Path:
+        """Users' extensions, a folder each (modules/extensions/)."""
+        return self.root / "extensions"
+
+    @property
+    def extensions_file(self) -> Path:
+        """Which extensions are turned off."""
+        return self.root / "extensions.json"
+
+    @property
     def preferences_file(self) -> Path:
         return self.root / "user-choices.json"
 

@@ -4,6 +4,7 @@ saved beside the others in the output folder under the picture's own name."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 
 from modules.app.errors import RequestError
@@ -49,12 +50,14 @@ def _free_name(folder: Path, stem: str) -> Path:
 
 
 def run_folder(ctx: AppContext, request: Img2ImgRequest, input_dir: str | Path, output_dir: str | Path = "",
-               mask_dir: str | Path = "", job: Job | None = None) -> FolderResult:
+               mask_dir: str | Path = "", generate: Callable | None = None, job: Job | None = None) -> FolderResult:
     """Every picture of `input_dir` through img2img with `request`'s settings. A picture's mask is
     the file of the same name (any picture suffix) in `mask_dir`, when one is given; otherwise the
     request's mask, if any, serves all. Results go to `output_dir` (default: the usual dated
     img2img folder). Every folder must lie under the data folder or an --allowed-path one.
-    Files that cannot be used are skipped and listed with the reason."""
+    Files that cannot be used are skipped and listed with the reason. `generate` makes each
+    picture's result (a script's, from the Script menu); by default, plain generation."""
+    generate = generate or pipeline.generator(ctx)
     job = job or Job()
     source = _folder(ctx, input_dir, "Input directory")
     masks = None
@@ -76,7 +79,7 @@ def run_folder(ctx: AppContext, request: Img2ImgRequest, input_dir: str | Path, 
                 if path.stem not in masks:
                     raise RequestError(f"no mask named {path.stem}.* in the mask directory")
                 changes["mask"] = read_image(masks[path.stem].read_bytes(), f"mask {masks[path.stem].name}")
-            done = pipeline.generator(ctx)(ctx, request.replace(**changes), job=job, save=False)
+            done = generate(ctx, request.replace(**changes), job=job, save=False)
         except (ValueError, OSError) as e:  # RequestError is a ValueError
             result.skipped.append(f"{path.name}: {e}")
             continue

@@ -35,6 +35,9 @@ class ScriptLibrary:
             raise ValueError(f"script {script.title!r}: no tab {', '.join(sorted(unknown))}; tabs are {', '.join(TABS)}")
         self._scripts.append((script, by))
 
+    def remove(self, script: Script) -> None:
+        self._scripts = [(s, owner) for s, owner in self._scripts if s is not script]
+
     def added_by(self, script: Script) -> str:
         return next(owner for s, owner in self._scripts if s is script)
 

@@ -1,5 +1,5 @@
 """The img2img tab: a picture (to redraw, to inpaint with a painted or uploaded mask, or a folder
-of them) and the settings -> Img2ImgRequest -> pipeline.generate -> gallery and infotext."""
+of them) and the settings -> Img2ImgRequest -> the chosen script or generation -> gallery and infotext."""
 
 from __future__ import annotations
 
@@ -8,18 +8,19 @@ import numpy as np
 from PIL import Image
 
 from modules.app.errors import RequestError
-from modules.generation import img2img_batch, options, pipeline
+from modules.generation import img2img_batch, options
 from modules.generation.request import Img2ImgRequest
 from modules.sampling.registry import SAMPLERS
 from modules.sampling.schedules import SCHEDULES
+from modules.scripts.library import ScriptLibrary
 from modules.service.jobs import Job
 from modules.ui.common import OutputPanel, PromptArea, SeedRow, form_fields, refiner_accordion, wire_generation
 from modules.ui.paste import PasteTarget
+from modules.ui.scripts import ScriptControls, extension_accordions
 
 # The source tabs, in order: the index is what the tab's select event stores.
 SOURCES = ("img2img", "Inpaint", "Inpaint upload", "Batch")
 INPAINTING_SOURCES = (1, 2, 3)
-SCRIPTS = ("None", options.OUTPAINT_SCRIPT)
 SIDE_RANGE = (64, 2048)
 
 
@@ -43,8 +44,9 @@ def size_of(image: Image.Image | None) -> tuple:
     return tuple(min(high, max(low, round(side / 8) * 8)) for side in image.size)
 
 
-def build(ctx, checkpoint: gr.Dropdown) -> tuple[PasteTarget, PasteTarget]:
-    """The tab; returns where pasted parameters and pictures land: img2img, and inpaint."""
+def build(ctx, checkpoint: gr.Dropdown, scripts: ScriptLibrary, accordions: list) -> tuple[PasteTarget, PasteTarget]:
+    """The tab, with `scripts` in its Script menu and the extensions' `accordions`; returns where
+    pasted parameters and pictures land: img2img, and inpaint."""
     defaults = Img2ImgRequest()
     source = gr.State(0)
     area = PromptArea.build("img2img")
@@ -106,15 +108,8 @@ def build(ctx, checkpoint: gr.Dropdown) -> tuple[PasteTarget, PasteTarget]:
                 noise_source = gr.Radio(["CPU", "GPU"], value=ctx.settings.noise_source, label="Random number source", elem_id="img2img_noise_source")
                 mask_weight = gr.Slider(0, 1, value=defaults.inpainting_mask_weight, step=0.01,
                                         label="Conditional mask weight (inpainting models)", elem_id="img2img_inpainting_mask_weight")
-            script = gr.Dropdown(list(SCRIPTS), value=SCRIPTS[0], label="Script", elem_id="img2img_script")
-            pixels_default, blur_default, content_default, directions_default = options.OUTPAINT_DEFAULTS
-            with gr.Group(visible=False) as outpaint_options:
-                out_pixels = gr.Slider(8, 256, value=pixels_default, step=8, label="Pixels to expand", elem_id="img2img_outpaint_pixels")
-                out_blur = gr.Slider(0, 64, value=blur_default, step=1, label="Mask blur", elem_id="img2img_outpaint_mask_blur")
-                out_content = gr.Radio(list(options.MASKED_CONTENT), value=options.MASKED_CONTENT[content_default], type="index",
-                                       label="Masked content", elem_id="img2img_outpaint_masked_content")
-                out_directions = gr.CheckboxGroup(list(options.OUTPAINT_DIRECTIONS), value=list(directions_default),
-                                                  label="Outpainting direction", elem_id="img2img_outpaint_directions")
+            extension_accordions(accordions)
+            script_controls = ScriptControls.build(scripts, "img2img")
         with gr.Column():
             out = OutputPanel.build("img2img")
 
@@ -130,8 +125,8 @@ def build(ctx, checkpoint: gr.Dropdown) -> tuple[PasteTarget, PasteTarget]:
     by_index = {"resize_mode": resize_mode, "inpainting_fill": masked_content, "inpainting_mask_invert": mask_mode,
                 "inpaint_full_res": inpaint_area}
     inputs = {
-        source, image, editor, upload_image, upload_mask, input_dir, output_dir, mask_dir, script,
-        out_pixels, out_blur, out_content, out_directions, *fields.values(), *by_index.values(),
+        source, image, editor, upload_image, upload_mask, input_dir, output_dir, mask_dir,
+        *script_controls.inputs, *fields.values(), *by_index.values(),
     }
 
     def make_request(v: dict) -> Img2ImgRequest:
@@ -147,8 +142,6 @@ def build(ctx, checkpoint: gr.Dropdown) -> tuple[PasteTarget, PasteTarget]:
             raise RequestError("no mask: paint over the part of the picture to regenerate" if kind == 1 else "upload a mask too")
         request_fields = form_fields(Img2ImgRequest, {name: v[widget] for name, widget in {**fields, **by_index}.items()})
         request_fields.update(init_images=(pictures,) if pictures is not None else (), mask=mask)
-        if v[script] == options.OUTPAINT_SCRIPT:
-            request_fields.update(options.outpaint_fields(int(v[out_pixels]), int(v[out_blur]), v[out_content], v[out_directions]))
         return Img2ImgRequest(**request_fields)
 
     def run(v: dict, owner: str = "local"):
@@ -156,15 +149,16 @@ def build(ctx, checkpoint: gr.Dropdown) -> tuple[PasteTarget, PasteTarget]:
             request = make_request(v)
             if v[source] != 3:
                 request = request.validate()
+            work = scripts.job(ctx, "img2img", **script_controls.job_arguments(v))
         except (RequestError, TypeError, ValueError) as e:
             raise gr.Error(str(e))
         if v[source] == 3:
             result = yield from out.stream(ctx, Job(description="img2img batch", owner=owner), img2img_batch.run_folder,
-                                           request, v[input_dir], v[output_dir], v[mask_dir])
+                                           request, v[input_dir], v[output_dir], v[mask_dir], work)
             if result.skipped:
                 gr.Warning("Skipped: " + "; ".join(result.skipped))
         else:
-            yield from out.stream(ctx, Job(description="img2img", owner=owner), pipeline.generator(ctx), request)
+            yield from out.stream(ctx, Job(description="img2img", owner=owner), work, request)
 
     wire_generation(ctx, run, inputs, out, area, seed_row)
 
@@ -178,7 +172,6 @@ def build(ctx, checkpoint: gr.Dropdown) -> tuple[PasteTarget, PasteTarget]:
     # Queued, unlike the others: the editor sends its picture as separate uploads, which an
     # unqueued event did not receive.
     editor.upload(lambda value: size_of((value or {}).get("background")), inputs=editor, outputs=[width, height])
-    script.change(lambda name: gr.update(visible=name == options.OUTPAINT_SCRIPT), inputs=script, outputs=outpaint_options, queue=False)
     return (
         PasteTarget(tab_id="img2img", label="img2img", fields=fields, image=image,
                     image_updates={sources: gr.update(selected="img2img_tab_img2img"), source: 0,

@@ -1,18 +1,19 @@
-"""The txt2img tab: widgets -> GenerationRequest -> pipeline.generate -> gallery and infotext."""
+"""The txt2img tab: widgets -> GenerationRequest -> the chosen script or generation -> gallery and infotext."""
 
 from __future__ import annotations
 
 import gradio as gr
 
 from modules.app.errors import RequestError
-from modules.generation import pipeline
 from modules.generation.request import GenerationRequest
 from modules.postprocess import upscalers
 from modules.sampling.registry import SAMPLERS
 from modules.sampling.schedules import SCHEDULES
+from modules.scripts.library import ScriptLibrary
 from modules.service.jobs import Job
 from modules.ui import prompt_tools
 from modules.ui.common import OutputPanel, PromptArea, SeedRow, form_fields, refiner_accordion, wire_generation
+from modules.ui.scripts import ScriptControls, extension_accordions
 
 
 def final_size(width, height, scale, resize_x, resize_y) -> str:
@@ -22,7 +23,8 @@ def final_size(width, height, scale, resize_x, resize_y) -> str:
     return "from {}x{} to {}x{}".format(request.width, request.height, *request.hr_target_size())
 
 
-def build(ctx, checkpoint: gr.Dropdown) -> dict:
+def build(ctx, checkpoint: gr.Dropdown, scripts: ScriptLibrary, accordions: list) -> dict:
+    """The tab; `scripts` fill its Script menu, `accordions` are the extensions' for it."""
     defaults = GenerationRequest()
     area = PromptArea.build("txt2img", lambda prompt, negative: prompt_tools.build_styles(ctx, prompt, negative, "txt2img"))
     prompt, negative, styles = area.prompt, area.negative, area.extra
@@ -61,6 +63,8 @@ def build(ctx, checkpoint: gr.Dropdown) -> dict:
                 clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip", elem_id="txt2img_clip_skip")
                 noise_source = gr.Radio(["CPU", "GPU"], value=ctx.settings.noise_source, label="Random number source", elem_id="txt2img_noise_source")
             prompt_tools.build_networks(ctx, "txt2img")
+            extension_accordions(accordions)
+            script_controls = ScriptControls.build(scripts, "txt2img")
         with gr.Column():
             out = OutputPanel.build("txt2img")
 
@@ -77,14 +81,16 @@ def build(ctx, checkpoint: gr.Dropdown) -> dict:
     def run(*values, owner: str = "local"):
         try:
             request = GenerationRequest(**form_fields(GenerationRequest, dict(zip(fields, values)))).validate()
+            script_values = dict(zip(script_controls.inputs, values[len(fields):]))
+            work = scripts.job(ctx, "txt2img", **script_controls.job_arguments(script_values))
         except (RequestError, TypeError, ValueError) as e:
             raise gr.Error(str(e))
-        yield from out.stream(ctx, Job(description="txt2img", owner=owner), pipeline.generator(ctx), request)
+        yield from out.stream(ctx, Job(description="txt2img", owner=owner), work, request)
 
     hr_size_inputs = [width, height, hr_scale, hr_resize_x, hr_resize_y]
 
     for component in hr_size_inputs:
         component.change(final_size, inputs=hr_size_inputs, outputs=hr_final, queue=False)
 
-    wire_generation(ctx, run, list(fields.values()), out, area, seed_row)
+    wire_generation(ctx, run, list(fields.values()) + script_controls.inputs, out, area, seed_row)
     return fields
