@@ -5,6 +5,7 @@ queue and nothing of Alice's job, and Alice's own Interrupt stops hers. On the b
 import base64
 import io
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -41,10 +42,14 @@ WATCH = """prefix => {
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """A fresh data folder (so the built-in model draws), the UI and the API asking Alice and Bob to sign in."""
+def server(tmp_path_factory, tiny_data_dir):
+    """A data folder with the tiny checkpoint beside the built-in model (the server's default),
+    the UI and the API asking Alice and Bob to sign in."""
     users = ",".join(f"{user}:{password}" for user, password in USERS.items())
-    with running_server(tmp_path_factory.mktemp("users-data"), "--gradio-auth", users, "--api-auth", users) as url:
+    data = tmp_path_factory.mktemp("users-data")
+    (data / "models" / "Stable-diffusion").mkdir(parents=True)
+    shutil.copy(tiny_data_dir / "models" / "Stable-diffusion" / "tiny.safetensors", data / "models" / "Stable-diffusion")
+    with running_server(data, "--ckpt", "builtin-shapes.safetensors", "--gradio-auth", users, "--api-auth", users) as url:
         yield url
 
 
@@ -221,3 +226,34 @@ def test_alices_own_interrupt_stops_her_job(alice, reference):
     assert steps_shown and max(steps_shown) < ALICE["steps"], f"the job ran to the end: {steps_shown}"
     assert parameters.startswith(f"{ALICE['prompt']}\nSteps: {ALICE['steps']}, ")  # as asked, like A1111
     assert not np.array_equal(picture, reference), "the interrupted picture is the finished one"
+
+
+def chosen_checkpoint(page) -> str:
+    return page.locator("#sd_checkpoint input").input_value()
+
+
+def test_a_checkpoint_chosen_by_alice_is_hers_alone(server, alice, bob):
+    import httpx
+    from playwright.sync_api import expect
+
+    default = chosen_checkpoint(bob)
+    assert default.startswith("builtin-") and chosen_checkpoint(alice) == default
+    alice.locator("#sd_checkpoint input").click()
+    alice.locator("#sd_checkpoint").get_by_role("option", name="tiny.safetensors").click()
+    expect(alice.locator("#sd_checkpoint input")).to_have_value("tiny.safetensors", timeout=10_000)
+    # Alice's choice is hers over the API as well, and only hers.
+    options = {user: httpx.get(f"{server}/sdapi/v1/options", auth=(user, USERS[user])).json()["sd_model_checkpoint"]
+               for user in USERS}
+    assert options == {"alice": "tiny.safetensors", "bob": default}
+    # A fresh page keeps each one's own choice.
+    for page in (alice, bob):
+        page.reload(wait_until="load")
+        page.locator("#txt2img_prompt textarea").wait_for(timeout=60_000)
+    expect(alice.locator("#sd_checkpoint input")).to_have_value("tiny.safetensors", timeout=20_000)
+    expect(bob.locator("#sd_checkpoint input")).to_have_value(default, timeout=20_000)
+    # Each one's pictures come from their own checkpoint.
+    for page, model in ((alice, "Model: tiny"), (bob, "Model: builtin-")):
+        page.locator("#txt2img_prompt textarea").fill("a red circle")
+        set_number(page, "txt2img_steps", 2)
+        page.locator("#txt2img_generate").click()
+        expect(page.locator("#txt2img_infotext")).to_contain_text(model, timeout=60_000)
