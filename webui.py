@@ -88,16 +88,19 @@ def build_ui(ctx: AppContext, scripts: ScriptLibrary, extensions: ExtensionSet) 
             titles = [c.title for c in ctx.models.checkpoints()]
             return gr.update(choices=titles, value=current if current in titles else (titles[0] if titles else None))
 
+        # txt2img's and img2img's width and height follow the checkpoint's native size.
+        sizes = [fields["width"], fields["height"], img2img_target.fields["width"], img2img_target.fields["height"]]
+
         def native_size(name: str | None) -> tuple:
             spec = ctx.models.spec_of(name)
-            return (spec.resolution, spec.resolution) if spec else (gr.update(), gr.update())
+            return (spec.resolution,) * len(sizes) if spec else (gr.update(),) * len(sizes)
 
         def on_select(name, http: gr.Request):
             """The caller's own choice: their jobs name it, and the first of them loads it in the queue."""
             try:
                 title = ctx.models.find_checkpoint(name).title
             except LookupError as e:
-                return gr.update(), gr.update(), f"⚠ {error_message(e)}"
+                return *(gr.update(),) * len(sizes), f"⚠ {error_message(e)}"
             ctx.preferences.choose(user_of(http), sd_model_checkpoint=title)
             return *native_size(title), ""
 
@@ -109,8 +112,8 @@ def build_ui(ctx: AppContext, scripts: ScriptLibrary, extensions: ExtensionSet) 
             return gr.update(value=title), *native_size(title)
 
         refresh.click(on_refresh, inputs=checkpoint, outputs=checkpoint, queue=False)
-        checkpoint.input(on_select, inputs=checkpoint, outputs=[fields["width"], fields["height"], model_status], queue=False)
-        demo.load(on_load, outputs=[checkpoint, fields["width"], fields["height"]], queue=False)
+        checkpoint.input(on_select, inputs=checkpoint, outputs=[*sizes, model_status], queue=False)
+        demo.load(on_load, outputs=[checkpoint, *sizes], queue=False)
     return demo
 
 

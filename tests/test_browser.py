@@ -38,6 +38,9 @@ def test_generate_shows_image_carrying_parameters(page):
     page.locator("#txt2img_steps input[type=number]").press("Enter")
     # The width and height follow the selected model's native resolution (set by the page's load event).
     expect(page.locator("#txt2img_width input[type=number]")).to_have_value("64", timeout=20_000)
+    page.get_by_role("tab", name="img2img").click()  # img2img's too
+    expect(page.locator("#img2img_width input[type=number]")).to_have_value("64", timeout=20_000)
+    page.get_by_role("tab", name="txt2img").click()
     page.locator("#txt2img_generate").click()
     image = page.locator("#txt2img_gallery img").first
     image.wait_for(timeout=60_000)
