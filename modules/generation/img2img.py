@@ -225,7 +225,7 @@ class Prepared:
 
 
 def _latent_noise(latent, keep, seeds, noise_source):
-    # The seeds' first draw: the very noise the sampler starts from, as in A1111.
+    # The seeds' first draw, as in A1111: the noise the sampler starts from unless variation seeds change that.
     noise = image_noise(seeds, latent.shape[1:], source=noise_source, device=latent.device).to(latent.dtype)
     return latent * keep + noise * (1 - keep)
 

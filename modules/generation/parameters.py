@@ -33,15 +33,16 @@ def _schedule_label(request: GenerationRequest) -> str:
 
 def infotext_params(
     request: GenerationRequest, *, seed: int, model_hash: str | None, model_name: str | None,
-    mask_weight: float | None = None, extra: dict[str, object] | None = None,
+    mask_weight: float | None = None, extra: dict[str, object] | None = None, subseed: int | None = None,
 ) -> dict[str, object]:
     """The parameters of one image, in A1111's order; None values are left out.
 
     "Clip skip" appears only above 1 and "RNG" only when the noise was not made on the GPU:
-    A1111 reads a missing key as those defaults. img2img and hires fix requests add "Denoising
-    strength"; `mask_weight` is written as "Conditional mask weight" (inpainting models) and
-    `extra` (the inpainting options, see img2img.prepare) and the hires keys go last, where A1111
-    puts such entries."""
+    A1111 reads a missing key as those defaults. The variation seed (the image's `subseed`, else
+    the request's) and its strength appear only with a strength, "Seed resize from" only when on.
+    img2img and hires fix requests add "Denoising strength"; `mask_weight` is written as
+    "Conditional mask weight" (inpainting models) and `extra` (the inpainting options, see
+    img2img.prepare) and the hires keys go last, where A1111 puts such entries."""
     params: dict[str, object | None] = {
         "Steps": request.steps,
         "Sampler": request.sampler_name,
@@ -51,6 +52,7 @@ def infotext_params(
         "Size": f"{request.width}x{request.height}",
         "Model hash": model_hash,
         "Model": model_name,
+        **_variation_params(request, request.subseed if subseed is None else subseed),
         "Denoising strength": request.strength_used,
         "Conditional mask weight": mask_weight,
         "Clip skip": request.clip_skip if request.clip_skip > 1 else None,
@@ -59,6 +61,16 @@ def infotext_params(
         **(_hires_params(request) if request.enable_hr else {}),
     }
     return {key: value for key, value in params.items() if value is not None}
+
+
+def _variation_params(request: GenerationRequest, subseed: int) -> dict[str, object | None]:
+    strength = request.subseed_strength or None
+    resized = request.seed_resize_from_w > 0 and request.seed_resize_from_h > 0
+    return {
+        "Variation seed": subseed if strength else None,
+        "Variation seed strength": strength,
+        "Seed resize from": f"{request.seed_resize_from_w}x{request.seed_resize_from_h}" if resized else None,
+    }
 
 
 def _hires_params(request: GenerationRequest) -> dict[str, object | None]:
@@ -104,6 +116,11 @@ def _field(name: str, convert: Callable[[str], object]) -> Callable[[str], dict[
     return lambda value: {name: convert(value.strip())}
 
 
+def _seed_resize(value: str) -> dict[str, object]:
+    size = _size(value)
+    return {"seed_resize_from_w": size["width"], "seed_resize_from_h": size["height"]}
+
+
 # Infotext key -> reader giving GenerationRequest fields; a reader raises ValueError on a value
 # it cannot use, and that key is skipped. "Schedule type" comes before "Sampler" so that an old
 # combined sampler name, written when there was no "Schedule type", keeps its schedule.
@@ -114,6 +131,9 @@ _READERS: dict[str, Callable[[str], dict[str, object]]] = {
     "CFG scale": _field("cfg_scale", float),
     "Seed": _field("seed", int),
     "Size": _size,
+    "Variation seed": _field("subseed", int),
+    "Variation seed strength": _field("subseed_strength", float),
+    "Seed resize from": _seed_resize,
     "Clip skip": _field("clip_skip", int),
     "RNG": _noise_source,
     "Refiner": lambda value: {"refiner_checkpoint": None if value.strip() == "None" else value.strip()},

@@ -26,7 +26,7 @@ from modules.networks import lora
 from modules.prompting.conditioning import embeddings_used, encode_prompts
 from modules.prompting.extra_networks import strip_extra_networks
 from modules.sampling.denoiser import CFGDenoiser, model_denoiser
-from modules.sampling.noise import image_noise
+from modules.sampling.noise import Variation, image_noise
 from modules.sampling.registry import find_sampler, run_sampler
 from modules.sampling.schedules import get_sigmas, img2img_start, img2img_steps
 from modules.service.hooks import Hooks
@@ -93,8 +93,9 @@ def sample_latents(sd_model, request: GenerationRequest, seeds: list[int], *, de
                    using: Callable[[str], contextlib.AbstractContextManager] = _no_offload,
                    callback: Callable[[dict], None] | None = None, embeddings=None,
                    init: img2img.InitLatent | None = None, image_conditioning: torch.Tensor | None = None,
-                   refiner: Refiner | None = None) -> torch.Tensor:
-    """Steps 3-5 for one batch (one image per seed): conditioning, seeded noise, sampling.
+                   refiner: Refiner | None = None, variation: Variation | None = None) -> torch.Tensor:
+    """Steps 3-5 for one batch (one image per seed): conditioning, seeded noise (changed by the
+    request's `variation` seeds, where it has one), sampling.
     `using(part)` puts a part of the model on the device while it works (offload modes);
     `callback` sees k-diffusion's dict after each step and may raise SamplingStopped;
     `embeddings` (an EmbeddingTable) gives the textual-inversion embeddings to use.
@@ -125,7 +126,7 @@ def sample_latents(sd_model, request: GenerationRequest, seeds: list[int], *, de
                   (refiner.model, model_denoiser(refiner.model), refiner.embeddings, refiner.using, sigmas[switch:])]
 
     # 4. Each image's starting noise from its own seed (on top of the picture, for img2img).
-    x = image_noise(seeds, latent_shape, source=request.noise_source, device=device) * sigmas[0]
+    x = image_noise(seeds, latent_shape, source=request.noise_source, device=device, variation=variation) * sigmas[0]
     if init is not None:
         x = x + init.latent
     if image_conditioning is None and sd_model.concat_channels:
@@ -164,8 +165,9 @@ def sample_latents(sd_model, request: GenerationRequest, seeds: list[int], *, de
     return x
 
 
-def _hires_pass(sd_model, request, latents, seeds, ctx, using, on_step, embeddings, refiner) -> torch.Tensor:
-    """The hires fix's upscale and second pass over one batch's first-pass latents."""
+def _hires_pass(sd_model, request, latents, seeds, ctx, using, on_step, embeddings, refiner, variation) -> torch.Tensor:
+    """The hires fix's upscale and second pass over one batch's first-pass latents, its noise
+    from the same seeds and variation (as A1111)."""
     device = ctx.models.policy.device
 
     def to_images(latents):
@@ -181,7 +183,7 @@ def _hires_pass(sd_model, request, latents, seeds, ctx, using, on_step, embeddin
     try:
         return sample_latents(sd_model, hires.second_pass_request(request), seeds, device=device, using=using,
                               callback=lambda d: on_step(d, before=request.steps), embeddings=embeddings, init=init,
-                              refiner=refiner)
+                              refiner=refiner, variation=variation)
     except SamplingStopped as stopped:
         return stopped.latent
 
@@ -251,7 +253,7 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
     sd_model = ctx.models.get(request.checkpoint, ctx.settings.sd_vae)
     checkpoint = sd_model.checkpoint
     model_hash = ctx.models.hash_of(checkpoint)
-    seeds = request.seeds()
+    seeds, subseeds = request.seeds(), request.subseeds()
     steps = sampling_steps(request)
     # A script that runs several generations on one job sets the whole total before the first.
     job.total_steps = max(job.total_steps, job.step + request.batch_count * steps)
@@ -290,6 +292,8 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
                 break
             job.skipped = False
             batch_seeds = seeds[batch_index * request.batch_size:(batch_index + 1) * request.batch_size]
+            batch_subseeds = subseeds[batch_index * request.batch_size:(batch_index + 1) * request.batch_size]
+            variation = request.noise_variation(batch_subseeds, sd_model.downscale)
             job.status = f"Batch {batch_index + 1} of {request.batch_count}"
             first_step = job.step
 
@@ -315,13 +319,15 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
             try:
                 latents = sample_latents(sd_model, request, batch_seeds, device=ctx.models.policy.device,
                                          using=using, callback=on_step, embeddings=embeddings,
-                                         init=init, image_conditioning=conditioning, refiner=refiner)
+                                         init=init, image_conditioning=conditioning, refiner=refiner,
+                                         variation=variation)
             except SamplingStopped as stopped:
                 latents = stopped.latent
             # The hires fix, unless the first pass was stopped (as in A1111).
             hires_done = request.enable_hr and not (job.interrupted or job.skipped)
             if hires_done:
-                latents = _hires_pass(sd_model, request, latents, batch_seeds, ctx, using, on_step, embeddings, refiner)
+                latents = _hires_pass(sd_model, request, latents, batch_seeds, ctx, using, on_step, embeddings, refiner,
+                                      variation)
             result.interrupted = result.interrupted or job.interrupted
 
             # 6. Latents -> pixels (img2img: pasted back and composited over the original).
@@ -332,11 +338,11 @@ def generate(ctx: AppContext, request: GenerationRequest, job: Job | None = None
             images = hooked_pictures(hooks, request, batch_index, images, batch_seeds)
 
             # 7. Infotext and PNG on disk, one per image.
-            for image, seed in zip(images, batch_seeds):
+            for image, seed, subseed in zip(images, batch_seeds, batch_subseeds):
                 infotext = format_infotext(
                     request.prompt,
                     request.negative_prompt,
-                    infotext_params(info_request.replace(enable_hr=hires_done), seed=seed, model_hash=model_hash,
+                    infotext_params(info_request.replace(enable_hr=hires_done), seed=seed, subseed=subseed, model_hash=model_hash,
                                     model_name=checkpoint.name, mask_weight=mask_weight,
                                     extra=prepared.params if prepared else None)
                     | network_params | (refiner_params or {}),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from modules.generation import options
 from modules.images import pictures
 from modules.prompting.extra_networks import parse_extra_networks
 from modules.prompting.prompt_parser import PromptError, validate_prompt
+from modules.sampling.noise import Variation
 from modules.sampling.registry import find_sampler
 from modules.sampling.schedules import find_schedule, img2img_steps
 
@@ -46,6 +48,15 @@ class GenerationRequest:
     steps: int = bounded(20, 1, MAX_STEPS)
     cfg_scale: float = bounded(7.0, 1, 30, whole=False)
     seed: int = bounded(-1, -1, MAX_SEED)  # -1: a random one
+    # Variation seeds (A1111's names and rules): each image's noise is turned subseed_strength of
+    # the way towards its variation seed's (subseed + i; -1: a random one), and/or drawn as for a
+    # picture of seed_resize_from_w x seed_resize_from_h (off unless both are above 0).
+    # seed_enable_extras false (the UI's "Extra" unticked) turns all four off.
+    subseed: int = bounded(-1, -1, MAX_SEED, only_with="seed_enable_extras")
+    subseed_strength: float = bounded(0.0, 0, 1, whole=False, only_with="seed_enable_extras")
+    seed_resize_from_w: int = bounded(0, -1, MAX_SIDE, only_with="seed_enable_extras")
+    seed_resize_from_h: int = bounded(0, -1, MAX_SIDE, only_with="seed_enable_extras")
+    seed_enable_extras: bool = True
     width: int = bounded(512, 64, MAX_SIDE, multiple=SIZE_STEP)
     height: int = bounded(512, 64, MAX_SIDE, multiple=SIZE_STEP)
     batch_count: int = bounded(1, 1, MAX_BATCH_COUNT)
@@ -82,9 +93,12 @@ class GenerationRequest:
     def validate(self) -> "GenerationRequest":
         """Returns the request with sampler/schedule names canonicalised; raises RequestError."""
         problems = []
-        if self.enable_hr not in (False, True):
-            problems.append(f"enable_hr must be true or false, got {self.enable_hr!r}")
+        for switch in ("enable_hr", "seed_enable_extras"):
+            if getattr(self, switch) not in (False, True):
+                problems.append(f"{switch} must be true or false, got {getattr(self, switch)!r}")
         problems += fields.problems(self)
+        if self.seed_enable_extras and not problems:
+            problems += self._seed_resize_problems()
         for field in ("prompt", "negative_prompt"):
             text = getattr(self, field)
             if not isinstance(text, str):
@@ -122,9 +136,17 @@ class GenerationRequest:
         # A1111's UI and infotext say "None" for no refiner.
         refiner = None if self.refiner_checkpoint in (None, "", "None") else self.refiner_checkpoint
         refining = dict(refiner_switch_at=float(self.refiner_switch_at)) if refiner else {}
+        # As A1111: without the extras, no variation seed (a random one, unused) and no resize.
+        variation = (dict(subseed_strength=float(self.subseed_strength)) if self.seed_enable_extras else
+                     dict(subseed=-1, subseed_strength=0.0, seed_resize_from_w=0, seed_resize_from_h=0))
         return self.replace(sampler_name=sampler.name, scheduler=scheduler.label, cfg_scale=float(self.cfg_scale),
                             styles=tuple(self.styles), enable_hr=bool(self.enable_hr), refiner_checkpoint=refiner,
-                            **hires, **refining)
+                            seed_enable_extras=bool(self.seed_enable_extras), **hires, **refining, **variation)
+
+    def _seed_resize_problems(self) -> list[str]:
+        """A seed resize side that is on (above 0) must span a latent cell."""
+        return [f"{name} must be 0 or -1 (off) or at least {SIZE_STEP}, got {getattr(self, name)}"
+                for name in ("seed_resize_from_w", "seed_resize_from_h") if 0 < getattr(self, name) < SIZE_STEP]
 
     def refiner_step(self, steps: int) -> int | None:
         """After how many of a pass's `steps` the refiner takes over (A1111: at the first step
@@ -166,13 +188,35 @@ class GenerationRequest:
         return self.hr_second_pass_steps or self.steps
 
     def with_seed_resolved(self, rng: random.Random | None = None) -> "GenerationRequest":
-        if self.seed != -1:
+        """The seed and the variation seed, where -1, made random ones (both, as A1111)."""
+        rng = rng or random.SystemRandom()
+
+        def fixed(seed: int) -> int:
+            return rng.randrange(0, MAX_SEED - MAX_BATCH_COUNT * MAX_BATCH_SIZE) if seed == -1 else seed
+
+        if self.seed != -1 and self.subseed != -1:
             return self
-        return self.replace(seed=(rng or random.SystemRandom()).randrange(0, MAX_SEED - MAX_BATCH_COUNT * MAX_BATCH_SIZE))
+        return self.replace(seed=fixed(self.seed), subseed=fixed(self.subseed))
 
     def seeds(self) -> list[int]:
-        """Image i of the whole job uses seed + i, whatever the batch layout."""
-        return [self.seed + i for i in range(self.batch_count * self.batch_size)]
+        """Image i of the whole job uses seed + i, whatever the batch layout; with a variation
+        strength every image has the seed, and its own variation seed (A1111's rule)."""
+        step = 0 if self.subseed_strength else 1
+        return [self.seed + i * step for i in range(self.batch_count * self.batch_size)]
+
+    def subseeds(self) -> list[int]:
+        """Image i of the whole job's variation seed: subseed + i."""
+        return [self.subseed + i for i in range(self.batch_count * self.batch_size)]
+
+    def noise_variation(self, subseeds: Sequence[int], downscale: int) -> Variation | None:
+        """What the variation seeds do to the noise of the images with these `subseeds`, the
+        seed resize in latent cells (pixels // downscale); None when they do nothing."""
+        resize = None
+        if self.seed_resize_from_w > 0 and self.seed_resize_from_h > 0:
+            resize = (self.seed_resize_from_h // downscale, self.seed_resize_from_w // downscale)
+        if not self.subseed_strength and resize is None:
+            return None
+        return Variation(tuple(subseeds), float(self.subseed_strength), resize)
 
 
 def _floor(value: float) -> int:

@@ -6,11 +6,16 @@ seeded with seeds[i]; an ancestral sampler's per-step noise continues that same 
 non-zero seed delta, a stream seeded with seeds[i] + delta, A1111's "ENSD"); SDE samplers use a
 Brownian tree per image seeded with seeds[i]. With the CPU source these numbers do not depend on the
 machine, so the same seed gives the same picture everywhere.
+
+A1111's variation seeds (`Variation`) change only the starting noise: it is turned part of the way
+(slerp) towards the first draw of the image's variation seed, and/or drawn as for a smaller or
+larger picture and placed centred. The per-step streams stay those of the image's own seed.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from k_diffusion.sampling import BrownianTreeNoiseSampler
@@ -58,9 +63,79 @@ class ImageNoise:
         return torch.stack(noise).to(self.device)
 
 
-def image_noise(seeds: Sequence[int], shape: Sequence[int], source: str = "cpu", device=None) -> torch.Tensor:
-    """Starting noise, Tensor[len(seeds), *shape] (float32, unit variance) on `device`."""
-    return ImageNoise(seeds, shape, source, device).draw()
+@dataclass(frozen=True)
+class Variation:
+    """A1111's variation seeds for one batch: image i's starting noise is its seed's turned
+    `strength` of the way (slerp) towards the noise of subseeds[i]; with `resize_from` (latent
+    height, width) both are drawn at that size and put in the middle of the seed's full-size
+    noise, so that a picture keeps much of its composition when its size changes."""
+
+    subseeds: tuple[int, ...]
+    strength: float = 0.0
+    resize_from: tuple[int, int] | None = None
+
+
+def slerp(t: float, low: torch.Tensor, high: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation from `low` (t=0) to `high` (t=1), tensors of one image [C, H, W].
+
+    As A1111 mixes two noises: the vectors are the columns along dim 1 (one per channel and x),
+    each pair turned by t of the angle between them, which keeps the unit variance a plain
+    average would lose. Pairs nearly parallel on average are mixed linearly (acos is not
+    accurate there)."""
+    low_unit = low / torch.norm(low, dim=1, keepdim=True)
+    high_unit = high / torch.norm(high, dim=1, keepdim=True)
+    dot = (low_unit * high_unit).sum(1)
+    if dot.mean() > 0.9995:
+        return low * (1 - t) + high * t
+    omega = torch.acos(dot)
+    sin_omega = torch.sin(omega)
+    return (torch.sin((1.0 - t) * omega) / sin_omega).unsqueeze(1) * low + (torch.sin(t * omega) / sin_omega).unsqueeze(1) * high
+
+
+def _first_draw(seed: int, shape: Sequence[int], where: torch.device) -> torch.Tensor:
+    return torch.randn(tuple(shape), generator=torch.Generator(where).manual_seed(int(seed)), device=where)
+
+
+def _centred(inner: torch.Tensor, outer: torch.Tensor) -> torch.Tensor:
+    """`outer` [C, H, W] with its middle replaced by `inner`'s middle: A1111's placement, offsets
+    rounded down, an `inner` larger than `outer` cropped."""
+    spans = []
+    for inner_side, outer_side in zip(inner.shape[1:], outer.shape[1:]):
+        offset = (outer_side - inner_side) // 2
+        if offset >= 0:
+            spans.append((slice(offset, offset + inner_side), slice(0, inner_side)))
+        else:
+            spans.append((slice(0, inner_side + 2 * offset), slice(-offset, inner_side + offset)))
+    (to_y, from_y), (to_x, from_x) = spans
+    placed = outer.clone()
+    placed[:, to_y, to_x] = inner[:, from_y, from_x]
+    return placed
+
+
+def _varied(noise: torch.Tensor, seed: int, subseed: int, variation: Variation) -> torch.Tensor:
+    """One image's noise (its seed's first draw) with the variation applied."""
+    if variation.resize_from is None:
+        return slerp(variation.strength, noise, _first_draw(subseed, noise.shape, noise.device)) if variation.strength else noise
+    shape = (noise.shape[0], *variation.resize_from)
+    small = _first_draw(seed, shape, noise.device)
+    if variation.strength:
+        small = slerp(variation.strength, small, _first_draw(subseed, shape, noise.device))
+    return _centred(small, noise)
+
+
+def image_noise(seeds: Sequence[int], shape: Sequence[int], source: str = "cpu", device=None,
+                variation: Variation | None = None) -> torch.Tensor:
+    """Starting noise, Tensor[len(seeds), *shape] (float32, unit variance) on `device`: each
+    image's seed's first draw, changed by `variation` where one is given. The mixing is done where
+    the numbers are drawn, so CPU noise stays the same on every machine."""
+    if variation is None:
+        return ImageNoise(seeds, shape, source, device).draw()
+    if len(variation.subseeds) != len(seeds):
+        raise ValueError(f"{len(variation.subseeds)} variation seeds for {len(seeds)} seeds")
+    where = generator_device(source, device)
+    noise = [_varied(_first_draw(seed, shape, where), seed, subseed, variation)
+             for seed, subseed in zip(seeds, variation.subseeds)]
+    return torch.stack(noise).to(torch.device(device or "cpu"))
 
 
 def ancestral_noise_sampler(

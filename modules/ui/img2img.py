@@ -17,6 +17,7 @@ from modules.service.jobs import Job
 from modules.ui.common import OutputPanel, PromptArea, SeedRow, form_fields, refiner_accordion, wire_generation
 from modules.ui.paste import PasteTarget
 from modules.ui.scripts import ScriptControls, extension_accordions
+from modules.ui.txt2img import VariationSeeds
 
 # The source tabs, in order: the index is what the tab's select event stores.
 SOURCES = ("img2img", "Inpaint", "Inpaint upload", "Batch")
@@ -102,6 +103,7 @@ def build(ctx, checkpoint: gr.Dropdown, scripts: ScriptLibrary, accordions: list
                                   elem_id="img2img_denoising_strength")
             seed_row = SeedRow.build("img2img")
             seed = seed_row.seed
+            variation = VariationSeeds.build("img2img")
             refiner, refiner_switch_at = refiner_accordion(ctx, "img2img", defaults.refiner_switch_at)
             with gr.Accordion("Advanced", open=False):
                 clip_skip = gr.Slider(1, 12, value=1, step=1, label="Clip skip", elem_id="img2img_clip_skip")
@@ -120,7 +122,7 @@ def build(ctx, checkpoint: gr.Dropdown, scripts: ScriptLibrary, accordions: list
               "batch_count": batch_count, "batch_size": batch_size, "clip_skip": clip_skip, "noise_source": noise_source,
               "checkpoint": checkpoint, "denoising_strength": denoising, "mask_blur": mask_blur,
               "inpaint_full_res_padding": padding, "inpainting_mask_weight": mask_weight,
-              "refiner_checkpoint": refiner, "refiner_switch_at": refiner_switch_at}
+              "refiner_checkpoint": refiner, "refiner_switch_at": refiner_switch_at, **variation.fields}
     # ... and the options chosen by their index, which Generate reads too.
     by_index = {"resize_mode": resize_mode, "inpainting_fill": masked_content, "inpainting_mask_invert": mask_mode,
                 "inpaint_full_res": inpaint_area}
@@ -161,6 +163,7 @@ def build(ctx, checkpoint: gr.Dropdown, scripts: ScriptLibrary, accordions: list
             yield from out.stream(ctx, Job(description="img2img", owner=owner), work, request)
 
     wire_generation(ctx, run, inputs, out, area, seed_row)
+    variation.wire(out)
 
     def chosen(index: int):
         return lambda: (index, gr.update(visible=index in INPAINTING_SOURCES))

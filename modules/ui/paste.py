@@ -40,6 +40,8 @@ def field_values(ctx, infotext: str, fields: dict[str, object]) -> dict[object, 
     """{component: new value} for the components of `fields` that the infotext sets."""
     prompt, negative, params = parse_infotext(infotext or "")
     values = request_fields(prompt, negative, params, img2img=True)
+    if params:  # A1111's "Extra" beside the seed: ticked for a picture made with variation seeds or a seed resize
+        values["seed_enable_extras"] = "Variation seed" in params or "Seed resize from" in params
     checkpoint = checkpoint_title(ctx, params.get("Model"))
     if checkpoint is not None:
         values["checkpoint"] = checkpoint

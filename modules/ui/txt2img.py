@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import html
+import re
+from dataclasses import dataclass
+
 import gradio as gr
 
 from modules.app.errors import RequestError
 from modules.generation.request import GenerationRequest
+from modules.images.infotext import parse_infotext
 from modules.postprocess import upscalers
 from modules.sampling.registry import SAMPLERS
 from modules.sampling.schedules import SCHEDULES
@@ -14,6 +19,59 @@ from modules.service.jobs import Job
 from modules.ui import prompt_tools
 from modules.ui.common import OutputPanel, PromptArea, SeedRow, form_fields, refiner_accordion, wire_generation
 from modules.ui.scripts import ScriptControls, extension_accordions
+
+_TAG = re.compile(r"<[^>]*>")
+
+
+def shown_variation_seed(infotext_html: str):
+    """The variation seed in the parameters an output panel shows (its first picture's), or no
+    change when that picture was made without one."""
+    params = parse_infotext(html.unescape(_TAG.sub("", infotext_html or "")))[2]
+    value = params.get("Variation seed", "").strip()
+    return int(value) if value.isdigit() else gr.update()
+
+
+@dataclass
+class VariationSeeds:
+    """A1111's "Extra" seed options, shown by the checkbox under the seed row: the variation seed
+    (with dice and recycle buttons), its strength, and the size to resize the seed's noise from.
+    Unticked, they are all off (the request's seed_enable_extras)."""
+
+    extra: gr.Checkbox
+    subseed: gr.Number
+    random_subseed: gr.Button
+    reuse_subseed: gr.Button
+    strength: gr.Slider
+    resize_w: gr.Slider
+    resize_h: gr.Slider
+
+    @classmethod
+    def build(cls, prefix: str) -> "VariationSeeds":
+        extra = gr.Checkbox(label="Extra", value=False, elem_id=f"{prefix}_subseed_show")
+        with gr.Column(visible=False, elem_id=f"{prefix}_seed_extras") as extras:
+            with gr.Row():
+                subseed = gr.Number(value=-1, label="Variation seed", precision=0, elem_id=f"{prefix}_subseed")
+                random_subseed = gr.Button("🎲", size="sm", min_width=40, elem_id=f"{prefix}_random_subseed")
+                reuse_subseed = gr.Button("♻", size="sm", min_width=40, elem_id=f"{prefix}_reuse_subseed")
+                strength = gr.Slider(0, 1, value=0, step=0.01, label="Variation strength", elem_id=f"{prefix}_subseed_strength")
+            with gr.Row():
+                resize_w = gr.Slider(0, 2048, value=0, step=8, label="Resize seed from width",
+                                     elem_id=f"{prefix}_seed_resize_from_w")
+                resize_h = gr.Slider(0, 2048, value=0, step=8, label="Resize seed from height",
+                                     elem_id=f"{prefix}_seed_resize_from_h")
+        extra.change(lambda shown: gr.update(visible=shown), inputs=extra, outputs=extras, queue=False)
+        return cls(extra, subseed, random_subseed, reuse_subseed, strength, resize_w, resize_h)
+
+    @property
+    def fields(self) -> dict:
+        """Request field -> widget."""
+        return {"seed_enable_extras": self.extra, "subseed": self.subseed, "subseed_strength": self.strength,
+                "seed_resize_from_w": self.resize_w, "seed_resize_from_h": self.resize_h}
+
+    def wire(self, out: OutputPanel) -> None:
+        """Dice: a random variation seed; recycle: the one of the picture shown."""
+        self.random_subseed.click(lambda: -1, outputs=self.subseed, queue=False)
+        self.reuse_subseed.click(shown_variation_seed, inputs=out.infotext, outputs=self.subseed, queue=False)
 
 
 def final_size(width, height, scale, resize_x, resize_y) -> str:
@@ -43,6 +101,7 @@ def build(ctx, checkpoint: gr.Dropdown, scripts: ScriptLibrary, accordions: list
             cfg_scale = gr.Slider(1, 30, value=defaults.cfg_scale, step=0.5, label="CFG Scale", elem_id="txt2img_cfg_scale")
             seed_row = SeedRow.build("txt2img")
             seed = seed_row.seed
+            variation = VariationSeeds.build("txt2img")
             with gr.Accordion("Hires. fix", open=False, elem_id="txt2img_hr"):
                 enable_hr = gr.Checkbox(label="Enable", value=defaults.enable_hr, elem_id="txt2img_enable_hr")
                 with gr.Row():
@@ -76,7 +135,7 @@ def build(ctx, checkpoint: gr.Dropdown, scripts: ScriptLibrary, accordions: list
               "noise_source": noise_source, "checkpoint": checkpoint, "styles": styles, "enable_hr": enable_hr,
               "hr_upscaler": hr_upscaler, "hr_second_pass_steps": hr_steps, "denoising_strength": denoising,
               "hr_scale": hr_scale, "hr_resize_x": hr_resize_x, "hr_resize_y": hr_resize_y,
-              "refiner_checkpoint": refiner, "refiner_switch_at": refiner_switch_at}
+              "refiner_checkpoint": refiner, "refiner_switch_at": refiner_switch_at, **variation.fields}
 
     def run(*values, owner: str = "local"):
         try:
@@ -93,4 +152,5 @@ def build(ctx, checkpoint: gr.Dropdown, scripts: ScriptLibrary, accordions: list
         component.change(final_size, inputs=hr_size_inputs, outputs=hr_final, queue=False)
 
     wire_generation(ctx, run, list(fields.values()) + script_controls.inputs, out, area, seed_row)
+    variation.wire(out)
     return fields
