@@ -46,6 +46,23 @@ def ctx(data_dir):
     return AppContext.create(Flags(data_dir=data_dir, device="cpu"))
 
 
+@pytest.fixture
+def checkpoint_loads(ctx, monkeypatch):
+    """(file name, owner of the job running at the time) of each checkpoint `ctx` loads from now on."""
+    from modules.models import loader
+
+    loads = []
+    load = loader.load_checkpoint
+
+    def recorded(path, vae_path=None):
+        running = ctx.jobs.running
+        loads.append((path.name, running[0].owner if running else None))
+        return load(path, vae_path)
+
+    monkeypatch.setattr(loader, "load_checkpoint", recorded)
+    return loads
+
+
 @pytest.fixture(scope="session")
 def live_server(tiny_data_dir):
     """The real web UI on 127.0.0.1 serving tiny_data_dir, started once for every test that drives it."""

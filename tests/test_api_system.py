@@ -19,7 +19,6 @@ from safetensors.torch import save_file
 
 from modules.api import routes
 from modules.app.config import Settings, load_settings
-from modules.models import loader
 from modules.service.auth import Credentials, SignIn, Throttle
 from tests.server import running_server
 
@@ -158,16 +157,8 @@ def test_unload_then_txt2img_loads_again(ctx):
     assert answer.status_code == 200 and len(answer.json()["images"]) == 1 and loaded(ctx)
 
 
-def test_reload_loads_the_callers_own_checkpoint_in_their_job(ctx, monkeypatch):
-    loads = []
-    load = loader.load_checkpoint
-
-    def recorded(path, vae_path=None):
-        running = ctx.jobs.running
-        loads.append((path.name, running[0].owner if running else None))
-        return load(path, vae_path)
-
-    monkeypatch.setattr(loader, "load_checkpoint", recorded)
+def test_reload_loads_the_callers_own_checkpoint_in_their_job(ctx, checkpoint_loads):
+    loads = checkpoint_loads
     http = client(ctx, SignIn(Credentials([("ann", "pw"), ("bob", "pw")], "--api-auth"), Throttle()))[0]
     ann, bob = ({"Authorization": "Basic " + base64.b64encode(f"{u}:pw".encode()).decode()} for u in ("ann", "bob"))
     shipped = next(c for c in ctx.models.checkpoints() if c.path != ctx.models.default_checkpoint().path)

@@ -24,20 +24,11 @@ def basic(user: str) -> dict[str, str]:
 
 
 @pytest.fixture
-def api(ctx, monkeypatch):
+def api(ctx, checkpoint_loads):
     """The API with two users, and the owner of the job running at each checkpoint load."""
-    loads = []
-    load = loader.load_checkpoint
-
-    def recorded(path, vae_path=None):
-        running = ctx.jobs.running
-        loads.append((path.name, running[0].owner if running else None))
-        return load(path, vae_path)
-
-    monkeypatch.setattr(loader, "load_checkpoint", recorded)
     app = FastAPI()
     routes.install(app, ctx, SignIn(Credentials([("ann", "pw"), ("bob", "pw")], "--api-auth"), Throttle()))
-    return TestClient(app), loads
+    return TestClient(app), checkpoint_loads
 
 
 def model_of(answer) -> str:

@@ -148,7 +148,7 @@ def test_pickle_that_would_run_code_is_refused(tmp_path):
 @pytest.mark.parametrize(
     "content, words",
     [
-        ({"some.weight": torch.zeros(3, 3)}, "not an upscaler architecture"),
+        ({"some.weight": torch.zeros(3, 3)}, "not an architecture that spandrel knows"),
         ({"model.0.weight": torch.zeros(8, 3, 3, 3), "model.1.sub.0.RDB1.conv1.0.weight": torch.zeros(2)}, "do not fit"),
     ],
 )

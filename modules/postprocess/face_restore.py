@@ -31,8 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from modules.models import loader
-from modules.postprocess.upscalers import NETWORK_SUFFIXES, to_bytes
+from modules.postprocess.upscalers import NETWORK_SUFFIXES, load_descriptor, to_bytes
 
 FACE_SIZE = 512  # the crop every GFPGAN and CodeFormer file is trained on
 HELPER_FOLDER = "GFPGAN"  # A1111 points facexlib at models/GFPGAN for both restorers
@@ -77,23 +76,12 @@ def read_network(restorer: Restorer, path: Path, device: torch.device | str = "c
     from spandrel_extra_arches import EXTRA_REGISTRY  # here for the same reason; CodeFormer is one of these
 
     path = Path(path)
-    try:
-        if path.suffix.lower() in loader.SAFETENSORS_SUFFIXES:
-            state, _ = loader.read_state_dict(path)
-        else:
-            state = loader.read_pickle(path)
-    except loader.CheckpointError as e:
-        raise FaceRestoreError(str(e)) from e
-    if not isinstance(state, dict):
-        raise FaceRestoreError(f"{path}: holds a {type(state).__name__}, not a dictionary of weights")
     registry = spandrel.MAIN_REGISTRY.copy()  # a copy: spandrel's own registry stays as it is
     registry.add(*EXTRA_REGISTRY, ignore_duplicates=True)
     try:
-        descriptor = spandrel.ModelLoader(device, registry).load_from_state_dict(spandrel.canonicalize_state_dict(state))
-    except spandrel.UnsupportedModelError as e:
-        raise FaceRestoreError(f"{path}: not a {restorer.name} network, nor any architecture spandrel knows") from e
-    except Exception as e:  # each architecture's reader fails in its own way on weights that do not fit it
-        raise FaceRestoreError(f"{path}: the weights do not fit the architecture they look like ({type(e).__name__}: {e})") from e
+        descriptor = load_descriptor(path, device, registry)
+    except ValueError as e:
+        raise FaceRestoreError(f"{e} (in {path.parent}; {restorer.name} needs its own network file)") from e
     if descriptor.architecture.id != restorer.architecture:
         raise FaceRestoreError(f"{path}: holds {descriptor.architecture.name}, not {restorer.name}; move it out of {path.parent}")
     # Float32 on every device: spandrel marks neither network as working in half precision.

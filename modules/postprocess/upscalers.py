@@ -102,27 +102,36 @@ def resize(image: Image.Image, width: int, height: int, resample=Image.Resamplin
 # ---- networks ------------------------------------------------------------------------------------
 
 
-def read_network(path: Path, device: torch.device | str = "cpu"):
-    """The spandrel ImageModelDescriptor of a network file, in eval mode; UpscalerError if the
-    file cannot be read or is not an image-to-image network."""
+def load_descriptor(path: Path, device: torch.device | str = "cpu", registry=None):
+    """spandrel's descriptor of a network file (.safetensors or a pickle), read with `registry`
+    (default: spandrel's own architectures); ValueError saying what is wrong with the file."""
     import spandrel  # here, not at the top: it loads every architecture it knows (over a second at start-up)
 
     path = Path(path)
-    try:
-        if path.suffix.lower() in loader.SAFETENSORS_SUFFIXES:
-            state, _ = loader.read_state_dict(path)
-        else:
-            state = loader.read_pickle(path)
-    except loader.CheckpointError as e:
-        raise UpscalerError(str(e)) from e
+    if path.suffix.lower() in loader.SAFETENSORS_SUFFIXES:
+        state, _ = loader.read_state_dict(path)  # CheckpointError is a ValueError
+    else:
+        state = loader.read_pickle(path)
     if not isinstance(state, dict):
-        raise UpscalerError(f"{path.name}: holds a {type(state).__name__}, not a dictionary of weights")
+        raise ValueError(f"{path.name}: holds a {type(state).__name__}, not a dictionary of weights")
     try:
-        descriptor = spandrel.ModelLoader(device).load_from_state_dict(spandrel.canonicalize_state_dict(state))
+        return spandrel.ModelLoader(device, registry or spandrel.MAIN_REGISTRY).load_from_state_dict(spandrel.canonicalize_state_dict(state))
     except spandrel.UnsupportedModelError as e:
-        raise UpscalerError(f"{path.name}: not an upscaler architecture that spandrel knows") from e
+        raise ValueError(f"{path.name}: not an architecture that spandrel knows") from e
     except Exception as e:  # each architecture's reader fails in its own way on weights that do not fit it
-        raise UpscalerError(f"{path.name}: the weights do not fit the architecture they look like ({type(e).__name__}: {e})") from e
+        raise ValueError(f"{path.name}: the weights do not fit the architecture they look like ({type(e).__name__}: {e})") from e
+
+
+def read_network(path: Path, device: torch.device | str = "cpu"):
+    """The spandrel ImageModelDescriptor of a network file, in eval mode; UpscalerError if the
+    file cannot be read or is not an image-to-image network."""
+    import spandrel
+
+    path = Path(path)
+    try:
+        descriptor = load_descriptor(path, device)
+    except ValueError as e:
+        raise UpscalerError(str(e)) from e
     if not isinstance(descriptor, spandrel.ImageModelDescriptor):
         raise UpscalerError(f"{path.name}: a {descriptor.architecture.name} model needs a mask; it is not an upscaler")
     if (descriptor.input_channels, descriptor.output_channels) != (3, 3):
