@@ -1,4 +1,5 @@
-"""Images on disk: outputs/<mode>-images/<date>/NNNNN-<seed>-<prompt>.png, as A1111 names them.
+"""Images on disk: outputs/<mode>-images/<date>/NNNNN-<seed>-<prompt>.png, as A1111 names them
+(scripts' grids: outputs/<mode>-grids/<date>/).
 
 A file appears under its final name only when it is complete: the PNG is encoded in memory,
 written to a hidden temporary file in the same folder, and then linked to a name no other save
@@ -33,9 +34,10 @@ _MAX_ATTEMPTS = 1000
 _NUMBERING = threading.Lock()
 
 
-def dated_dir(outputs: Path, mode: str) -> Path:
-    """Today's folder for `mode` ("txt2img", "img2img"); created by the first save, not here."""
-    return Path(outputs) / f"{mode}-images" / date.today().isoformat()
+def dated_dir(outputs: Path, mode: str, grid: bool = False) -> Path:
+    """Today's folder for `mode` ("txt2img", "img2img"), or for its grids (A1111's
+    outputs/txt2img-grids/DATE); created by the first save, not here."""
+    return Path(outputs) / f"{mode}-{'grids' if grid else 'images'}" / date.today().isoformat()
 
 
 def png_bytes(image: Image.Image, infotext: str | None, text: Mapping[str, str] | None = None) -> bytes:
@@ -107,6 +109,12 @@ def save_image(
     On any failure no file is left behind and the error says where the write went wrong."""
     name_tail = "-".join(part for part in (str(seed), sanitize_prompt(prompt, max_prompt)) if part)
     return save_png(png_bytes(image, infotext), folder, name_tail, what=f"the image for seed {seed}")
+
+
+def save_grid(image: Image.Image, outputs: Path, mode: str, *, seed: int, prompt: str, infotext: str | None) -> Path:
+    """A script's grid (X/Y/Z plot, prompt matrix) as the next NNNNN-<seed>-<prompt>.png in
+    today's grids folder of `mode`, its infotext inside."""
+    return save_image(image, dated_dir(outputs, mode, grid=True), seed=seed, prompt=prompt, infotext=infotext)
 
 
 def save_png(data: bytes, folder: Path, name_tail: str, what: str = "the image") -> Path:
