@@ -84,11 +84,11 @@ def test_owners_take_turns_and_a_full_queue_refuses_with_429(client):
     threads.append(in_background(lambda: send("bob", "bob 0")))
     time.sleep(0.2)
     waiting = http.get("/sdapi/v1/progress", headers=basic("bob")).json()
-    assert waiting["textinfo"] == "Queued: 2 jobs ahead"  # ann's running job and her next one
+    assert waiting["textinfo"] == "Queued: 1 job ahead"  # ann's running job: bob has had no turn yet
     refused = http.post("/sdapi/v1/txt2img", json=BODY, headers=basic("bob"))
     assert refused.status_code == 429 and "queue is full" in refused.json()["detail"]
     held.release.set()
     for thread in threads:
         thread.join(30)
     assert [a.status_code for a in answers] == [200] * 4
-    assert held.order == ["ann 0", "ann 1", "bob 0", "ann 2"]
+    assert held.order == ["ann 0", "bob 0", "ann 1", "ann 2"]

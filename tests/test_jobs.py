@@ -37,8 +37,23 @@ def test_owners_take_turns():
     gate.release.set()
     assert [f.result(10) for f in futures] == [f"a{i}" for i in range(10)] + ["b0"]
     assert first.result(10) == "gate"
-    # b's single job starts before a's second waiting job, let alone its third.
-    assert order[:3] == ["a0", "b0", "a1"] and order[3:] == [f"a{i}" for i in range(2, 10)]
+    # b, who has had no turn, goes next: its single job waits only for a's running one.
+    assert order == ["b0"] + [f"a{i}" for i in range(10)]
+
+
+def test_turns_go_to_whoever_started_a_job_longest_ago():
+    queue, gate, order = JobQueue(), Gate(), []
+    queue.submit(Job(owner="a"), gate)
+    assert gate.started.wait(10)
+    futures = [queue.submit(Job(owner=owner), record(order), f"{owner}{i}") for owner in "ab" for i in range(3)]
+    futures.append(queue.submit(Job(owner="c"), record(order), "c0"))
+    jobs = [Job(owner="c"), Job(owner="b")]
+    gate.release.set()
+    for f in futures:
+        f.result(10)
+    # b and c had no turn yet, a's began last: b (came first), c, then round and round.
+    assert order == ["b0", "c0", "a0", "b1", "a1", "b2", "a2"]
+    assert all(queue.ahead_of(j) is None for j in jobs)
 
 
 def test_places_in_the_queue_follow_the_turns():
@@ -50,7 +65,7 @@ def test_places_in_the_queue_follow_the_turns():
     for job in a:
         queue.submit(job, record([]), "x")
     queue.submit(b, record([]), "y")
-    assert [queue.ahead_of(j) for j in (*a, b)] == [1, 3, 4, 2]
+    assert [queue.ahead_of(j) for j in (*a, b)] == [2, 3, 4, 1]
     assert queue.jobs_of("b") == [b] and queue.jobs_of("a")[1:] == a
     gate.release.set()
 

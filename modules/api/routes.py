@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import math
 
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.encoders import jsonable_encoder
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -101,16 +103,23 @@ def _normalized(options: dict) -> dict:
 def create_router(ctx, scripts: ScriptLibrary) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1")
 
-    def run(make_request, body: api.GenerationApiFields, parameters: dict, http: Request):
+    async def run(make_request, body: api.GenerationApiFields, parameters: dict, http: Request):
+        """Async, so that a request waiting in the job queue holds no server thread: however many
+        wait, the queue (not the thread pool) decides the order, and /progress stays quick."""
         user = signed_in(http)
-        try:
+
+        def prepare():  # decoding pictures is work for a thread
             request = make_request(body, ctx.preferences.of(user)).validate()
-            work = scripts.job(ctx, request.mode, body.script_name, body.script_args, body.alwayson_scripts)
+            return request, scripts.job(ctx, request.mode, body.script_name, body.script_args, body.alwayson_scripts)
+
+        try:
+            request, work = await run_in_threadpool(prepare)
         except (RequestError, TypeError) as e:
             raise HTTPException(422, str(e))
         try:
             job = Job(description=f"{request.mode} (api)", owner=caller(http))
-            result = ctx.jobs.run(job, work, ctx, request, save=body.save_images)
+            # A client that goes away while its job waits takes the job out of the queue.
+            result = await asyncio.wrap_future(ctx.jobs.submit(job, work, ctx, request, save=body.save_images))
         except LookupError as e:
             raise HTTPException(404, str(e))
         except ValueError as e:
@@ -137,18 +146,19 @@ def create_router(ctx, scripts: ScriptLibrary) -> APIRouter:
             "infotexts": result.infotexts,
             "interrupted": result.interrupted,
         }
-        images = [encode_png(i, t) for i, t in zip(result.images, result.infotexts)] if body.send_images else []
+        images = await run_in_threadpool(lambda: [encode_png(i, t) for i, t in zip(result.images, result.infotexts)]
+                                         if body.send_images else [])
         return api.ImagesResponse(images=images, parameters=parameters, info=json.dumps(info))
 
     @router.post("/txt2img", response_model=api.ImagesResponse)
-    def txt2img(body: api.Txt2ImgBody, http: Request):
-        return run(request_from_body, body, body.model_dump(), http)
+    async def txt2img(body: api.Txt2ImgBody, http: Request):
+        return await run(request_from_body, body, body.model_dump(), http)
 
     @router.post("/img2img", response_model=api.ImagesResponse)
-    def img2img_route(body: api.Img2ImgBody, http: Request):
+    async def img2img_route(body: api.Img2ImgBody, http: Request):
         # As A1111: the (large) pictures are echoed back only when asked for.
         parameters = body.model_dump(exclude=set() if body.include_init_images else {"init_images", "mask"})
-        return run(img2img_request_from_body, body, parameters, http)
+        return await run(img2img_request_from_body, body, parameters, http)
 
     @router.get("/scripts", response_model=api.ScriptsResponse)
     def script_titles():

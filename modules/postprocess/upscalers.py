@@ -125,7 +125,7 @@ def load_descriptor(path: Path, device: torch.device | str = "cpu", registry=Non
 def read_network(path: Path, device: torch.device | str = "cpu"):
     """The spandrel ImageModelDescriptor of a network file, in eval mode; UpscalerError if the
     file cannot be read or is not an image-to-image network."""
-    import spandrel
+    import spandrel  # here, not at the top, as in load_descriptor
 
     path = Path(path)
     try:

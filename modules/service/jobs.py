@@ -79,8 +79,10 @@ class JobCancelled(Exception):
 
 class JobQueue:
     """Runs jobs on worker threads, fairly between owners: they take turns, one job each, so one
-    owner's forty queued jobs do not keep another's single job waiting behind all of them.
-    Within an owner, jobs run in the order they came. `max_waiting` bounds how many may wait.
+    owner's forty queued jobs do not keep another's single job waiting behind all of them. The
+    next turn is the waiting owner's whose last job started longest ago, or who has had none: a
+    newcomer's job runs as soon as the running one ends. Within an owner, jobs run in the order
+    they came. `max_waiting` bounds how many may wait.
     Callers wait on the returned Future or poll the Job; a Future of a job cancelled before it
     started raises JobCancelled.
 
@@ -92,7 +94,9 @@ class JobQueue:
     def __init__(self, max_waiting: int | None = None, workers: int = 1) -> None:
         self.max_waiting = max_waiting
         self.running: list[Job] = []
-        self._waiting: dict[str, deque[tuple[Job, Future, Callable[[], Any], bool]]] = {}  # owner -> jobs, in turn order
+        self._waiting: dict[str, deque[tuple[Job, Future, Callable[[], Any], bool]]] = {}  # owner -> jobs, in order of arrival
+        self._started: dict[str, int] = {}  # owner -> the number of the turn in which its last job started
+        self._turns = 0
         self._lock = threading.Condition()
         self._here = threading.Lock()  # held by a job that runs on this process's models
         self._workers = [threading.Thread(target=self._work, name=f"job-{i}", daemon=True) for i in range(workers)]
@@ -114,16 +118,24 @@ class JobQueue:
     def run(self, job: Job, fn, *args, **kwargs):
         return self.submit(job, fn, *args, **kwargs).result()
 
+    @staticmethod
+    def _turn(waiting, started: dict[str, int]) -> str:
+        """Whose turn it is among the owners of `waiting`: the one whose last job started longest ago
+        (never: first of all); among equals, the one that came first."""
+        return min(waiting, key=lambda owner: started.get(owner, -1))
+
     def _next(self) -> tuple[Job, Future, Callable[[], Any], bool]:
-        """The next owner's first job; that owner then goes to the back of the turn order."""
+        """The first job of the owner whose turn it is."""
         with self._lock:
             while not self._waiting:
                 self._lock.wait()
-            owner = next(iter(self._waiting))
-            jobs = self._waiting.pop(owner)
+            owner = self._turn(self._waiting, self._started)
+            jobs = self._waiting[owner]
             entry = jobs.popleft()
-            if jobs:
-                self._waiting[owner] = jobs
+            if not jobs:
+                del self._waiting[owner]
+            self._turns += 1
+            self._started[owner] = self._turns
             self.running.append(entry[0])
             return entry
 
@@ -153,17 +165,22 @@ class JobQueue:
 
     def ahead_of(self, job: Job) -> int | None:
         """How many jobs will run before `job` (the running ones included); None when it is not
-        waiting. Turns go round the owners in order, one job each."""
+        waiting. The turns to come are played out as _next will take them."""
         with self._lock:
-            queues = [[entry[0] for entry in jobs] for jobs in self._waiting.values()]
+            queues = {owner: deque(entry[0] for entry in jobs) for owner, jobs in self._waiting.items()}
+            started, turns = dict(self._started), self._turns
+        if not any(job in q for q in queues.values()):
+            return None
         ahead = len(self._running())
-        for turn in range(max((len(q) for q in queues), default=0)):
-            for q in queues:
-                if turn < len(q):
-                    if q[turn] is job:
-                        return ahead
-                    ahead += 1
-        return None
+        while True:
+            owner = self._turn(queues, started)
+            if queues[owner].popleft() is job:
+                return ahead
+            ahead += 1
+            if not queues[owner]:
+                del queues[owner]
+            turns += 1
+            started[owner] = turns
 
     def jobs_of(self, owner: str) -> list[Job]:
         """The owner's running jobs and waiting jobs, in the order they will run."""
