@@ -64,11 +64,12 @@ def build_ui(ctx: AppContext, scripts: ScriptLibrary, extensions: ExtensionSet) 
             model_status = gr.Markdown(elem_id="sd_checkpoint_status")
         with gr.Tabs() as tabs:
             with gr.Tab("txt2img", id="txt2img"):
-                fields = txt2img_tab.build(ctx, checkpoint, scripts, extensions.accordions("txt2img"))
+                fields, txt2img_gallery = txt2img_tab.build(ctx, checkpoint, scripts, extensions.accordions("txt2img"))
             with gr.Tab("img2img", id="img2img"):
-                img2img_target, inpaint_target = img2img_tab.build(ctx, checkpoint, scripts, extensions.accordions("img2img"))
+                img2img_target, inpaint_target, img2img_gallery = img2img_tab.build(
+                    ctx, checkpoint, scripts, extensions.accordions("img2img"))
             with gr.Tab("Extras", id="extras"):
-                extras_target = extras_tab.build(ctx)
+                extras_target, extras_gallery = extras_tab.build(ctx)
             with gr.Tab("PNG Info", id="pnginfo"):
                 png_info_tab.build(ctx, [PasteTarget("txt2img", "txt2img", fields), img2img_target, inpaint_target, extras_target], tabs)
             with gr.Tab("Checkpoint Merger", id="modelmerger"):
@@ -83,6 +84,10 @@ def build_ui(ctx: AppContext, scripts: ScriptLibrary, extensions: ExtensionSet) 
                 settings_tab.build(ctx)
             with gr.Tab("Extensions", id="extensions"):
                 extensions_tab.build(extensions)
+
+        # The Send to buttons under each gallery, now that the tabs they send to are built.
+        for gallery in (txt2img_gallery, img2img_gallery, extras_gallery):
+            gallery.wire_send(ctx, [img2img_target, inpaint_target, extras_target], tabs)
 
         def on_refresh(current):
             titles = [c.title for c in ctx.models.checkpoints()]

@@ -1,4 +1,5 @@
-"""The Extras tab: pictures (one, several, or a folder's) -> ExtrasRequest -> extras.run -> gallery."""
+"""The Extras tab: pictures (one, several, or a folder's) -> ExtrasRequest -> extras.run -> gallery,
+with A1111's buttons under it."""
 
 from __future__ import annotations
 
@@ -6,15 +7,18 @@ import html
 
 import gradio as gr
 
+from modules.images import image_info
 from modules.postprocess import extras
 from modules.service.jobs import Job
-from modules.ui.common import owner_of, progress_html, run_with_progress
+from modules.ui.common import GalleryTools, owner_of, picture_texts, progress_html, run_with_progress
 from modules.ui.paste import PasteTarget
 
 SOURCES = ("single", "batch", "directory")
 
 
-def build(ctx) -> PasteTarget:
+def build(ctx) -> tuple[PasteTarget, GalleryTools]:
+    """The tab; returns where a picture sent to Extras lands, and its gallery's buttons, whose
+    Send to webui.py wires."""
     defaults = extras.ExtrasRequest()
     names = ctx.upscalers.names()
     source = gr.State(SOURCES[0])
@@ -58,6 +62,9 @@ def build(ctx) -> PasteTarget:
         with gr.Column():
             progress = gr.HTML(elem_id="extras_progress")
             gallery = gr.Gallery(label="Result", columns=2, elem_id="extras_gallery", format="png")
+            # As in A1111, Send to img2img / inpaint takes the picture only: the parameters it
+            # carries describe the picture before upscaling (its size among them).
+            tools = GalleryTools.build("extras", gallery, paste_parameters=False)
             info = gr.HTML(elem_id="extras_info")
 
     for tab, value in ((single_tab, "single"), (batch_tab, "batch"), (directory_tab, "directory")):
@@ -102,15 +109,19 @@ def build(ctx) -> PasteTarget:
                     progress: "",
                     gallery: [str(p) for p in payload.paths],
                     info: "".join(f"<p>{html.escape(line)}</p>" for line in lines),
+                    tools.texts: [picture_texts(info=image_info.read_bytes(png)[1]) for png in payload.pngs],
+                    tools.selected: None,
+                    tools.log: "",
                 }
 
     run_button.click(
         run,
         inputs=[source, image, files, input_dir, output_dir, resize_mode, scale, width, height, crop, upscaler_1, upscaler_2,
                 visibility, gfpgan, codeformer, codeformer_weight],
-        outputs=[progress, gallery, info],
+        outputs=[progress, gallery, info, tools.texts, tools.selected, tools.log],
         concurrency_limit=None,
     )
+    tools.wire(ctx)
 
     def on_refresh(first, second):
         names = ctx.upscalers.names()
@@ -121,4 +132,4 @@ def build(ctx) -> PasteTarget:
     return PasteTarget(
         tab_id="extras", label="extras", image=image,
         image_updates={sources: gr.update(selected="extras_single"), source: "single"},
-    )
+    ), tools

@@ -14,7 +14,7 @@ from modules.sampling.registry import SAMPLERS
 from modules.sampling.schedules import SCHEDULES
 from modules.scripts.library import ScriptLibrary
 from modules.service.jobs import Job
-from modules.ui.common import OutputPanel, PromptArea, SeedRow, form_fields, refiner_accordion, wire_generation
+from modules.ui.common import GalleryTools, OutputPanel, PromptArea, SeedRow, form_fields, refiner_accordion, wire_generation
 from modules.ui.paste import PasteTarget
 from modules.ui.scripts import ScriptControls, extension_accordions
 from modules.ui.txt2img import VariationSeeds
@@ -45,9 +45,11 @@ def size_of(image: Image.Image | None) -> tuple:
     return tuple(min(high, max(low, round(side / 8) * 8)) for side in image.size)
 
 
-def build(ctx, checkpoint: gr.Dropdown, scripts: ScriptLibrary, accordions: list) -> tuple[PasteTarget, PasteTarget]:
+def build(ctx, checkpoint: gr.Dropdown, scripts: ScriptLibrary,
+          accordions: list) -> tuple[PasteTarget, PasteTarget, GalleryTools]:
     """The tab, with `scripts` in its Script menu and the extensions' `accordions`; returns where
-    pasted parameters and pictures land: img2img, and inpaint."""
+    pasted parameters and pictures land (img2img, and inpaint) and its gallery's buttons, whose
+    Send to webui.py wires."""
     defaults = Img2ImgRequest()
     source = gr.State(0)
     area = PromptArea.build("img2img")
@@ -163,6 +165,7 @@ def build(ctx, checkpoint: gr.Dropdown, scripts: ScriptLibrary, accordions: list
             yield from out.stream(ctx, Job(description="img2img", owner=owner), work, request)
 
     wire_generation(ctx, run, inputs, out, area, seed_row)
+    area.wire_token_counters(ctx, steps, checkpoint)
     variation.wire(out)
 
     def chosen(index: int):
@@ -183,4 +186,5 @@ def build(ctx, checkpoint: gr.Dropdown, scripts: ScriptLibrary, accordions: list
         PasteTarget(tab_id="img2img", label="inpaint", fields=fields, image=editor,
                     image_updates={sources: gr.update(selected="img2img_tab_inpaint"), source: 1,
                                    inpaint_options: gr.update(visible=True)}),
+        out.tools,
     )

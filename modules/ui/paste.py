@@ -1,9 +1,10 @@
 """Sending a picture's parameters (or the picture itself) to a tab: "Send to txt2img", "Send to extras".
 
 A tab that can receive describes itself as a PasteTarget: its id in the main tabs and its
-components by GenerationRequest field name. `send_button` wires a button that fills those
-fields from an infotext, as A1111 does; fields an infotext does not mention, or gives a value
-that cannot be used for, keep what the person had set.
+components by GenerationRequest field name. `send_button` (PNG Info) and `wire_send` (the
+buttons under a gallery) make a button that fills those fields from an infotext, as A1111 does;
+fields an infotext does not mention, or gives a value that cannot be used for, keep what the
+person had set.
 """
 
 from __future__ import annotations
@@ -58,19 +59,27 @@ def send_button(ctx, target: PasteTarget, tabs: gr.Tabs, infotext: gr.components
     """A "Send to <tab>" button: fills the target's fields from `infotext`'s value, hands over
     `image`'s value where the target takes a picture, and switches to the target's tab."""
     button = gr.Button(f"Send to {target.label}", elem_id=f"send_to_{target.label}", size="sm")
-    field_components = list(target.fields.values())
-    takes_image = target.image is not None and image is not None
-    outputs = [*field_components, *([target.image] if takes_image else []), tabs]
-    extra = target.image_updates if takes_image else {}
-    outputs += [c for c in extra if c not in outputs]
+    wire_send(ctx, button, target, tabs, [infotext, *([image] if image is not None else [])],
+              lambda text, picture=None: (text, picture))
+    return button
 
-    def send(text, picture=None):
+
+def wire_send(ctx, button: gr.Button, target: PasteTarget, tabs: gr.Tabs, inputs: list, chosen) -> None:
+    """Makes `button` send to `target`: `chosen(*values of inputs)` gives (infotext, picture);
+    the infotext fills the target's fields, the picture goes where the target takes one, and the
+    target's tab is shown. (None, None): nothing to send, nothing changes."""
+    outputs = [*target.fields.values(), *([target.image] if target.image is not None else []), tabs]
+    outputs += [c for c in target.image_updates if c not in outputs] if target.image is not None else []
+
+    def send(*values):
+        text, picture = chosen(*values)
+        if text is None and picture is None:
+            return {}
         updates = field_values(ctx, text, target.fields) if text else {}
-        if takes_image:
+        if target.image is not None and picture is not None:
             updates[target.image] = picture
-            updates.update(extra)
+            updates.update(target.image_updates)
         updates[tabs] = gr.Tabs(selected=target.tab_id)
         return updates
 
-    button.click(send, inputs=[infotext, *([image] if takes_image else [])], outputs=outputs, queue=False)
-    return button
+    button.click(send, inputs=inputs, outputs=outputs, queue=False)

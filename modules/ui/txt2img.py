@@ -17,7 +17,7 @@ from modules.sampling.schedules import SCHEDULES
 from modules.scripts.library import ScriptLibrary
 from modules.service.jobs import Job
 from modules.ui import prompt_tools
-from modules.ui.common import OutputPanel, PromptArea, SeedRow, form_fields, refiner_accordion, wire_generation
+from modules.ui.common import GalleryTools, OutputPanel, PromptArea, SeedRow, form_fields, refiner_accordion, wire_generation
 from modules.ui.scripts import ScriptControls, extension_accordions
 
 _TAG = re.compile(r"<[^>]*>")
@@ -81,8 +81,9 @@ def final_size(width, height, scale, resize_x, resize_y) -> str:
     return "from {}x{} to {}x{}".format(request.width, request.height, *request.hr_target_size())
 
 
-def build(ctx, checkpoint: gr.Dropdown, scripts: ScriptLibrary, accordions: list) -> dict:
-    """The tab; `scripts` fill its Script menu, `accordions` are the extensions' for it."""
+def build(ctx, checkpoint: gr.Dropdown, scripts: ScriptLibrary, accordions: list) -> tuple[dict, GalleryTools]:
+    """The tab; `scripts` fill its Script menu, `accordions` are the extensions' for it. Returns
+    its widgets by request field and its gallery's buttons, whose Send to webui.py wires."""
     defaults = GenerationRequest()
     area = PromptArea.build("txt2img", lambda prompt, negative: prompt_tools.build_styles(ctx, prompt, negative, "txt2img"))
     prompt, negative, styles = area.prompt, area.negative, area.extra
@@ -152,5 +153,6 @@ def build(ctx, checkpoint: gr.Dropdown, scripts: ScriptLibrary, accordions: list
         component.change(final_size, inputs=hr_size_inputs, outputs=hr_final, queue=False)
 
     wire_generation(ctx, run, list(fields.values()) + script_controls.inputs, out, area, seed_row)
+    area.wire_token_counters(ctx, steps, checkpoint, styles)
     variation.wire(out)
-    return fields
+    return fields, out.tools
