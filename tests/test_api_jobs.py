@@ -92,3 +92,38 @@ def test_owners_take_turns_and_a_full_queue_refuses_with_429(client):
         thread.join(30)
     assert [a.status_code for a in answers] == [200] * 4
     assert held.order == ["ann 0", "bob 0", "ann 1", "ann 2"]
+
+
+def test_a_client_that_goes_away_takes_its_waiting_job_out_of_the_queue(client):
+    import asyncio
+    import json
+
+    http, held = client
+    answers = {}
+    thread = in_background(lambda: answers.update(ann=http.post("/sdapi/v1/txt2img", json=BODY, headers=basic("ann"))))
+    assert held.started.wait(10)
+    body = json.dumps({**BODY, "prompt": "bob, gone"}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/sdapi/v1/txt2img", "raw_path": b"/sdapi/v1/txt2img", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                         (b"authorization", basic("bob")["Authorization"].encode())],
+             "client": ("127.0.0.2", 1), "server": ("testserver", 80)}
+    sent = []
+
+    async def bob_goes_away():
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            return messages.pop(0) if messages else {"type": "http.disconnect"}  # the client hangs up once it has sent
+
+        async def send(message):
+            sent.append(message)
+
+        await http.app(scope, receive, send)
+
+    asyncio.run(bob_goes_away())
+    held.release.set()
+    thread.join(30)
+    assert answers["ann"].status_code == 200
+    assert sent[0]["status"] == 409 and b"cancelled" in sent[1]["body"]
+    assert held.order == ["a red circle"]  # bob's job never ran

@@ -29,7 +29,9 @@ from modules.sampling.schedules import SCHEDULES
 from modules.extensions.loader import ExtensionSet
 from modules.scripts.library import TABS, ScriptLibrary
 from modules.service.auth import SignIn
-from modules.service.jobs import Job, JobFailed, QueueFull
+from modules.service.jobs import Job, JobCancelled, JobFailed, QueueFull
+
+DISCONNECT_POLL_SECONDS = 0.5
 
 # override_settings keys A1111 clients use, and the request field each one sets.
 OVERRIDES = {
@@ -103,6 +105,14 @@ def _normalized(options: dict) -> dict:
 def create_router(ctx, scripts: ScriptLibrary) -> APIRouter:
     router = APIRouter(prefix="/sdapi/v1")
 
+    async def finished(job: Job, future, http: Request):
+        """The job's result; a client that goes away while its job waits takes the job out of the queue."""
+        waiting = asyncio.wrap_future(future)
+        while not (await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_SECONDS))[0]:
+            if ctx.jobs.ahead_of(job) is not None and await http.is_disconnected():
+                ctx.jobs.cancel(job)
+        return waiting.result()
+
     async def run(make_request, body: api.GenerationApiFields, parameters: dict, http: Request):
         """Async, so that a request waiting in the job queue holds no server thread: however many
         wait, the queue (not the thread pool) decides the order, and /progress stays quick."""
@@ -118,8 +128,9 @@ def create_router(ctx, scripts: ScriptLibrary) -> APIRouter:
             raise HTTPException(422, str(e))
         try:
             job = Job(description=f"{request.mode} (api)", owner=caller(http))
-            # A client that goes away while its job waits takes the job out of the queue.
-            result = await asyncio.wrap_future(ctx.jobs.submit(job, work, ctx, request, save=body.save_images))
+            result = await finished(job, ctx.jobs.submit(job, work, ctx, request, save=body.save_images), http)
+        except JobCancelled as e:
+            raise HTTPException(409, str(e))
         except LookupError as e:
             raise HTTPException(404, str(e))
         except ValueError as e:
