@@ -1,4 +1,5 @@
-"""Starts the real web UI process on 127.0.0.1 with a data folder of the test's choosing."""
+"""Starts the real web UI process on 127.0.0.1 with a data folder of the test's choosing, and
+opens it in headless Chromium."""
 
 from __future__ import annotations
 
@@ -13,6 +14,9 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's; python3 launch.py --test installs it as root
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
 def free_port() -> int:
@@ -51,3 +55,21 @@ def running_server(data_dir: Path, *extra_args: str, timeout: float = 120.0):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@contextlib.contextmanager
+def browser_page(url: str, **page_options):
+    """A Chromium page showing the web UI at `url`, once its txt2img prompt is there."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(**page_options)
+            # Not "networkidle": Gradio keeps a heartbeat connection open for as long as the page lives.
+            page.goto(url, wait_until="load")
+            page.locator("#txt2img_prompt textarea").wait_for(timeout=60_000)
+            yield page
+        finally:
+            browser.close()
+

@@ -1,33 +1,21 @@
 """The txt2img tab in headless Chromium: type a prompt, Generate, and check the picture and its PNG."""
 
 import io
-from pathlib import Path
 
 import pytest
 from PIL import Image
 
-CHROMIUM = Path("/usr/bin/chromium")
+from tests.server import CHROMIUM, browser_page
+
 pytestmark = [
     pytest.mark.browser,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (python3 launch.py --test installs it as root)"),
 ]
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
 
 @pytest.fixture(scope="module")
 def page(live_server):
-    from playwright.sync_api import sync_playwright
-
-    url = live_server
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
-        page = browser.new_page()
-        # Not "networkidle": Gradio keeps a heartbeat connection open for as long as the page lives.
-        page.goto(url, wait_until="load")
-        page.locator("#txt2img_prompt textarea").wait_for(timeout=60_000)
+    with browser_page(live_server) as page:
         yield page
-        browser.close()
 
 
 def test_generate_shows_image_carrying_parameters(page):

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.test_browser import CHROMIUM, FLAGS
+from tests.server import CHROMIUM, browser_page
 
 pytestmark = [
     pytest.mark.browser,
@@ -20,15 +20,8 @@ REACH = 10  # how far mask blur 4 spreads the mask
 
 @pytest.fixture(scope="module")
 def page(live_server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(live_server, wait_until="load")
-        page.locator("#txt2img_prompt textarea").wait_for(timeout=60_000)
+    with browser_page(live_server, viewport={"width": 1400, "height": 1000}) as page:
         yield page
-        browser.close()
 
 
 def paint_across(page, editor, reach: int) -> None:

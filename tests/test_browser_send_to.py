@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.test_browser import CHROMIUM, FLAGS, _pick
+from tests.server import CHROMIUM, browser_page
+from tests.test_browser import _pick
 from tests.test_browser_img2img import paint_across
 
 pytestmark = [
@@ -23,15 +24,8 @@ PROMPT = "a red circle"
 
 @pytest.fixture(scope="module")
 def page(live_server):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(live_server, wait_until="load")
-        page.locator("#txt2img_prompt textarea").wait_for(timeout=60_000)
+    with browser_page(live_server, viewport={"width": 1400, "height": 1000}) as page:
         yield page
-        browser.close()
 
 
 def fetch(page, url: str) -> bytes:

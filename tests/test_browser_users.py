@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from tests.server import running_server
-from tests.test_browser import CHROMIUM, FLAGS
+from tests.server import CHROMIUM, CHROMIUM_FLAGS
 
 pytestmark = [
     pytest.mark.browser,
@@ -58,7 +58,7 @@ def browser():
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
+        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS)
         yield browser
         browser.close()
 

@@ -17,6 +17,7 @@ from modules.generation import pipeline
 from modules.generation.request import GenerationRequest
 from modules.scripts.library import ScriptLibrary
 from modules.service.hooks import Hooks
+from tests.server import CHROMIUM, browser_page, running_server
 
 EXAMPLES = Path(__file__).resolve().parent / "data" / "extensions"
 SUFFIX = ", seen by the example extension"
@@ -75,24 +76,13 @@ def test_the_extensions_route_hook_and_listing_over_the_api(ctx, tmp_path):
     assert pipeline.generate(ctx, GenerationRequest(prompt="x", steps=1, width=64, height=64), save=False).request.prompt == "x" + SUFFIX
 
 
-CHROMIUM = Path("/usr/bin/chromium")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-
 @pytest.mark.browser
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (python3 launch.py --test installs it as root)")
 def test_the_example_extension_in_chromium(tmp_path):
-    from playwright.sync_api import expect, sync_playwright
-
-    from tests.server import running_server
+    from playwright.sync_api import expect
 
     extensions_folder(tmp_path)
-    with running_server(tmp_path) as url, sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=FLAGS)
-        page = browser.new_page()
-        page.goto(url, wait_until="load")
-        page.locator("#txt2img_prompt textarea").wait_for(timeout=60_000)
+    with running_server(tmp_path) as url, browser_page(url) as page:
         # Its accordion, in the txt2img tab.
         page.get_by_text("Example extension").first.click()
         expect(page.locator("#example_extension_note")).to_contain_text("The example extension lives in example.", timeout=10_000)
@@ -110,4 +100,3 @@ def test_the_example_extension_in_chromium(tmp_path):
         table = page.locator("#extensions_installed")
         expect(table).to_contain_text("failed: RuntimeError: this extension is broken on purpose", timeout=10_000)
         expect(table).to_contain_text("failed: SyntaxError")
-        browser.close()

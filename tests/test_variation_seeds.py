@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,6 +23,7 @@ from modules.generation.request import GenerationRequest, Img2ImgRequest
 from modules.images.infotext import format_infotext
 from modules.sampling.noise import Variation, image_noise, slerp
 from modules.ui.paste import field_values
+from tests.server import CHROMIUM, browser_page
 
 SHAPE = (4, 8, 8)
 SCENE = "a large red circle in the top left corner on a blue background"
@@ -217,7 +217,9 @@ def test_txt2img_strength_zero_one_and_half(builtin_ctx):
         assert np.abs(half.astype(int) - other).mean() > 0.5
 
 
-def test_each_image_of_a_batch_is_the_one_made_alone(builtin_ctx, monkeypatch):
+@pytest.fixture
+def drawn_noises(monkeypatch):
+    """Every starting noise the pipeline draws from now on, in order."""
     noises = []
     drawn = pipeline.image_noise
 
@@ -226,6 +228,11 @@ def test_each_image_of_a_batch_is_the_one_made_alone(builtin_ctx, monkeypatch):
         return noises[-1]
 
     monkeypatch.setattr(pipeline, "image_noise", recording)
+    return noises
+
+
+def test_each_image_of_a_batch_is_the_one_made_alone(builtin_ctx, drawn_noises):
+    noises = drawn_noises
     # Euler a: the per-step noise comes from the seed, so it is the same for every image here.
     common = {**TXT2IMG, "sampler_name": "Euler a", "subseed_strength": 0.6}
     result = pipeline.generate(builtin_ctx, GenerationRequest(**common, batch_size=3, batch_count=2), save=False)
@@ -241,15 +248,8 @@ def test_each_image_of_a_batch_is_the_one_made_alone(builtin_ctx, monkeypatch):
         assert np.abs(np.asarray(alone.images[0], dtype=int) - np.asarray(result.images[i])).max() <= 2
 
 
-def test_seed_resize_in_txt2img_and_the_hires_pass(builtin_ctx, monkeypatch):
-    noises = []
-    drawn = pipeline.image_noise
-
-    def recording(*args, **kwargs):
-        noises.append(drawn(*args, **kwargs))
-        return noises[-1]
-
-    monkeypatch.setattr(pipeline, "image_noise", recording)
+def test_seed_resize_in_txt2img_and_the_hires_pass(builtin_ctx, drawn_noises):
+    noises = drawn_noises
     request = GenerationRequest(**{**TXT2IMG, "width": 128, "height": 96}, seed_resize_from_w=64, seed_resize_from_h=48,
                                 enable_hr=True, hr_scale=1.5, hr_second_pass_steps=3, denoising_strength=0.5)
     result = pipeline.generate(builtin_ctx, request, save=False)
@@ -342,24 +342,16 @@ def test_api_refuses_bad_values_naming_the_field(client, route, change, words):
 
 # ---- the web UI --------------------------------------------------------------------------------
 
-CHROMIUM = Path("/usr/bin/chromium")
-
-
 @pytest.mark.browser
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's chromium is not installed (launch.py --test installs it as root)")
 def test_extra_reveals_the_variation_seed_and_pasting_fills_it(live_server, tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
     from modules.images import storage
 
     text = "a blue square\nSteps: 3, Sampler: Euler, Seed: 12, Size: 64x64, Variation seed: 77, Variation seed strength: 0.25"
     (tmp_path / "varied.png").write_bytes(storage.png_bytes(Image.new("RGB", (32, 32), "blue"), text))
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking"]
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM), args=flags)
-        page = browser.new_page()
-        page.goto(live_server, wait_until="load")
-        page.locator("#txt2img_prompt textarea").wait_for(timeout=60_000)
+    with browser_page(live_server) as page:
         expect(page.locator("#txt2img_subseed")).to_be_hidden()
         page.locator("#txt2img_subseed_show input").check()
         expect(page.locator("#txt2img_subseed")).to_be_visible(timeout=10_000)
@@ -381,4 +373,3 @@ def test_extra_reveals_the_variation_seed_and_pasting_fills_it(live_server, tmp_
         expect(page.locator("#txt2img_subseed input")).to_have_value("-1", timeout=10_000)
         page.locator("#txt2img_reuse_subseed").click()
         expect(page.locator("#txt2img_subseed input")).to_have_value("77", timeout=10_000)
-        browser.close()
