@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-sys.path[0] = str(Path(__file__).resolve().parent.parent)  # not bench/, whose queue.py would hide the standard library's
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modules.generation import img2img, pipeline  # noqa: E402
 from modules.generation.request import GenerationRequest, Img2ImgRequest  # noqa: E402

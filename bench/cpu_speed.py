@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path[0] = str(Path(__file__).resolve().parent.parent)  # not bench/, whose queue.py would hide the standard library's
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import builtin_model_eval as builtin  # noqa: E402
 from modules.app.config import Flags  # noqa: E402

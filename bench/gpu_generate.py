@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[0] = str(ROOT)  # not bench/, whose queue.py would hide the standard library's
+sys.path.insert(0, str(ROOT))
 
 from bench.load import write_random_checkpoint  # noqa: E402
 from modules.app.config import Flags  # noqa: E402

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path[0] = str(ROOT)  # not bench/, whose queue.py would hide the standard library's
+sys.path.insert(0, str(ROOT))
 
 FAMILIES = {"sd1": ("SD1", "SD 1.5"), "sdxl": ("SDXL", "SDXL base")}
 READ_CHUNK = 1 << 24

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-sys.path[0] = str(Path(__file__).resolve().parent.parent)  # not bench/, whose queue.py would hide the standard library's
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.builtin_model_eval import DEFAULT_MODEL, generate, load_model  # noqa: E402
 from modules.networks.embeddings import EmbeddingDatabase  # noqa: E402

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-sys.path[0] = str(Path(__file__).resolve().parent.parent)  # not bench/, whose queue.py would hide the standard library's
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modules.models.detect import full_size_spec  # noqa: E402
 from modules.models.sd_model import build_model  # noqa: E402

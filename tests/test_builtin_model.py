@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,9 +22,7 @@ from modules.training import builtin_model, shapes_dataset
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "models" / "Stable-diffusion" / "builtin-shapes.safetensors"
-sys.path.insert(0, str(ROOT / "bench"))
-import builtin_model_eval  # noqa: E402
-import ti_eval  # noqa: E402
+from bench import builtin_model_eval, ti_eval  # noqa: E402
 
 TINY_RECIPE = [
     "--resolution", "32", "--images", "16", "--vae-ch", "32", "--vae-ch-mult", "1,2", "--vae-steps", "2",

@@ -1,7 +1,7 @@
 """Throughput and fairness of the job queue (modules/service/jobs.py) through the real HTTP API, on
 the built-in model, both measured in one run.
 
-    venv/bin/python bench/queue.py [--users 4] [--jobs 10] [--fair-jobs 30] [--delay 0] [--steps 20]
+    venv/bin/python bench/job_queue.py [--users 4] [--jobs 10] [--fair-jobs 30] [--delay 0] [--steps 20]
                                    [--size 64] [--threads 2] [--repeats 1]
 
 The web UI runs as its own process (tests/server.py's launcher) on a fresh data folder, so that its
@@ -28,21 +28,18 @@ The clients are threads of this process (httpx), which waits on the network and 
 
 from __future__ import annotations
 
+import argparse
+import os
 import sys
+import tempfile
+import threading
+import time
 from pathlib import Path
 
-# Run as a script, this file's folder comes first on sys.path, where its name would hide the
-# standard library's queue module from everything imported after (concurrent.futures, httpx).
-HERE, ROOT = Path(__file__).resolve().parent, Path(__file__).resolve().parent.parent
-sys.path[:] = [str(ROOT)] + [entry for entry in sys.path if Path(entry or ".").resolve() != HERE]
+import httpx
 
-import argparse  # noqa: E402
-import os  # noqa: E402
-import tempfile  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
-
-import httpx  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 
 from tests.server import running_server  # noqa: E402
 
