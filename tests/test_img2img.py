@@ -301,7 +301,8 @@ def test_img2img_route_answers_like_a1111(live_server):
     ({"init_images": ["bm90IGEgcGljdHVyZQ=="]}, "the init image could not be read: not a picture"),
     ({"init_images": []}, "an init image is needed"),
     ({"denoising_strength": 2}, "denoising_strength must be a number from 0 to 1"),
-    ({"script_name": "SD upscale"}, "not available"),
+    ({"script_name": "Ultimate SD upscale"}, "img2img has no script 'Ultimate SD upscale'"),
+    ({"script_name": "SD upscale"}, "Tile overlap (64) must be smaller than the tiles' sides (64x64)"),
     ({"mask_blur_x": 2}, "send mask_blur"),
 ])
 def test_img2img_route_refuses_bad_requests_with_a_message(live_server, body, words):
