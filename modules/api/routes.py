@@ -31,7 +31,7 @@ from modules.scripts.library import TABS, ScriptLibrary
 from modules.service.auth import SignIn
 from modules.service.jobs import Job, JobCancelled, JobFailed, QueueFull
 
-DISCONNECT_POLL_SECONDS = 0.5
+DISCONNECT_POLL_SECONDS = 2.0
 
 # override_settings keys A1111 clients use, and the request field each one sets.
 OVERRIDES = {
@@ -109,7 +109,7 @@ def create_router(ctx, scripts: ScriptLibrary) -> APIRouter:
         """The job's result; a client that goes away while its job waits takes the job out of the queue."""
         waiting = asyncio.wrap_future(future)
         while not (await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_SECONDS))[0]:
-            if ctx.jobs.ahead_of(job) is not None and await http.is_disconnected():
+            if not future.running() and await http.is_disconnected():  # still waiting, and nobody to answer
                 ctx.jobs.cancel(job)
         return waiting.result()
 
