@@ -73,3 +73,13 @@ def browser_page(url: str, **page_options):
         finally:
             browser.close()
 
+
+def generated(page, prefix: str):
+    """Clicks the tab's Generate and waits for its first picture; an error shown instead fails with its text."""
+    page.locator(f"#{prefix}_generate").click()
+    image = page.locator(f"#{prefix}_gallery img").first
+    outcome = image.or_(page.locator(".toast-body")).first
+    outcome.wait_for(timeout=60_000)
+    assert image.is_visible(), outcome.inner_text()
+    return image
+

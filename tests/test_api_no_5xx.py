@@ -22,7 +22,6 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from PIL.PngImagePlugin import PngInfo
 from pydantic import BaseModel
 
 from modules.api import models as api
@@ -31,6 +30,7 @@ from modules.api.training import CreateEmbeddingBody, TrainEmbeddingBody
 from modules.app.config import Flags
 from modules.app.fields import Bounds, Choices, limits
 from modules.context import AppContext
+from modules.images import storage
 from modules.sampling.registry import SAMPLERS
 
 settings.register_profile("ci", derandomize=True, database=None, deadline=None,
@@ -41,14 +41,7 @@ PROFILE = os.environ.get("HYPOTHESIS_PROFILE", "ci")
 
 
 def png(size=(8, 8), colour=(200, 30, 30), text: dict[str, str] | None = None) -> str:
-    info = None
-    if text:
-        info = PngInfo()
-        for key, value in text.items():
-            info.add_text(key, value)
-    buffer = io.BytesIO()
-    Image.new("RGB", size, colour).save(buffer, format="PNG", pnginfo=info)
-    return base64.b64encode(buffer.getvalue()).decode()
+    return base64.b64encode(storage.png_bytes(Image.new("RGB", size, colour), None, text)).decode()
 
 
 PICTURE = png()

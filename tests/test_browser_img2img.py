@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
-from tests.server import CHROMIUM, browser_page
+from tests.server import CHROMIUM, browser_page, generated
 
 pytestmark = [
     pytest.mark.browser,
@@ -63,11 +63,7 @@ def test_painted_stroke_is_redrawn_and_nothing_else(page, tmp_path):
     steps = page.locator("#img2img_steps input[type=number]")
     steps.fill("4")
     steps.press("Enter")
-    page.locator("#img2img_generate").click()
-    image = page.locator("#img2img_gallery img").first
-    outcome = image.or_(page.locator(".toast-body")).first
-    outcome.wait_for(timeout=60_000)
-    assert image.is_visible(), outcome.inner_text()
+    image = generated(page, "img2img")
     response = page.request.get(image.get_attribute("src"))
     assert response.ok
     result = Image.open(io.BytesIO(response.body()))
@@ -131,11 +127,7 @@ def test_png_info_sends_the_picture_to_inpaint(page, live_server, tmp_path):
     page.wait_for_function("document.querySelector('#img2img_seed input').value === '78'", timeout=10_000)
     paint_across(page, editor, 60)
 
-    page.locator("#img2img_generate").click()
-    image = page.locator("#img2img_gallery img").first
-    outcome = image.or_(page.locator(".toast-body")).first
-    outcome.wait_for(timeout=60_000)
-    assert image.is_visible(), outcome.inner_text()
+    image = generated(page, "img2img")
     result = Image.open(io.BytesIO(page.request.get(image.get_attribute("src")).body()))
     assert result.size == (SIZE, SIZE) and "Mask blur: 4" in result.info["parameters"]
     changed = np.abs(np.asarray(result.convert("RGB"), dtype=int) - np.asarray(picture, dtype=int)).sum(-1) > 0

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.server import CHROMIUM, browser_page
+from tests.server import CHROMIUM, browser_page, generated
 from tests.test_browser import _pick
 from tests.test_browser_img2img import paint_across
 
@@ -133,11 +133,7 @@ def test_the_chosen_picture_is_saved_zipped_and_sent_on(page, tiny_data_dir):
     expect(page.locator("#img2img_inpainting_fill")).to_be_visible()
     # What the editor holds comes back unchanged outside the painted band.
     paint_across(page, editor, 60)
-    page.locator("#img2img_generate").click()
-    result = page.locator("#img2img_gallery img").first
-    outcome = result.or_(page.locator(".toast-body")).first
-    outcome.wait_for(timeout=60_000)
-    assert result.is_visible(), outcome.inner_text()
+    generated(page, "img2img")
     redrawn = picture_at(page, "#img2img_gallery img")
     assert redrawn.size == (SIZE, SIZE) and "Seed: 43," in redrawn.info["parameters"]
     changed = np.abs(pixels(redrawn) - pixels(made[1])).sum(-1) > 0

@@ -136,8 +136,8 @@ class ExtensionAPI:
     def _take_back(self) -> None:
         for undo in reversed(self._undo):
             undo()
-        self._extension.scripts.clear(), self._extension.accordions.clear()
-        self._extension.tabs.clear(), self._extension.routes.clear()
+        for added in (self._extension.scripts, self._extension.accordions, self._extension.tabs, self._extension.routes):
+            added.clear()
 
 
 class ExtensionSet:
