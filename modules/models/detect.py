@@ -78,6 +78,12 @@ class ModelSpec:
     vector: str | None = None
     ztsnr: bool = False  # trained with a zero-terminal-SNR noise schedule
 
+    @property
+    def text_width(self) -> int:
+        """The context's width: the text encoders' widths added up (SDXL: 768 + 1280). A
+        textual-inversion embedding's vectors are that wide, each encoder's part side by side."""
+        return sum(e.width for e in self.text)
+
 
 # ---- the supported layouts ------------------------------------------------------------------------
 

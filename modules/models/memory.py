@@ -146,6 +146,7 @@ class ModelManager:
         # "main" and "refiner" -> (what was loaded: path, file version, VAE file; the SDModel)
         self._slots: dict[str, tuple[tuple, object]] = {}
         self.loads = 0  # checkpoint files read since start, which a scale-out replica reports
+        self._header_specs: dict[tuple, ModelSpec | None] = {}  # (path, file version) -> spec_of's answer
         self._lock = threading.Lock()
 
     # -- listing -------------------------------------------------------------------------------
@@ -241,7 +242,11 @@ class ModelManager:
         for _, model in self._slots.values():
             if model.checkpoint.path == info.path:
                 return model.spec
-        return loader.read_spec(info.path)
+        # Read once per file version: the token counters ask at every keystroke.
+        key = (info.path, info.path.stat().st_mtime_ns)
+        if key not in self._header_specs:
+            self._header_specs[key] = loader.read_spec(info.path)
+        return self._header_specs[key]
 
     @property
     def _loaded(self):

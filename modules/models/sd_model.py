@@ -116,9 +116,7 @@ class SDModel(nn.Module):
 
     @property
     def text_width(self) -> int:
-        """The context's width: the text encoders' widths added up (SDXL: 768 + 1280). A
-        textual-inversion embedding's vectors are that wide, each encoder's part side by side."""
-        return sum(e.width for e in self.spec.text)
+        return self.spec.text_width
 
     @property
     def unet(self) -> UNetModel:

@@ -332,7 +332,7 @@ def embeddings_for(ctx, checkpoint: str | None):
         spec = ctx.models.spec_of(checkpoint)
     except LookupError:
         spec = None
-    width = sum(e.width for e in spec.text) if spec is not None else ctx.models.loaded_text_width()  # SDModel.text_width
+    width = spec.text_width if spec is not None else ctx.models.loaded_text_width()
     return ctx.embeddings.table(width) if width else None
 
 
