@@ -116,3 +116,52 @@ def test_sdxl_and_its_refiner_run_in_bfloat16(tmp_path):
     picture = np.asarray(pipeline.generate(ctx, request, save=False).images[0])
     assert ctx.models.get("xl").model.diffusion_model.label_emb[0][0].weight.dtype == torch.bfloat16
     assert picture.std() > 1  # a picture, not a flat (black) one
+
+
+def overflow_the_unet(model, factor: float = 1e4) -> None:
+    """Scales the UNet's last convolution so that its output passes float16's largest value
+    (65504) while its weights still fit in float16, as a real half-precision overflow does."""
+    with torch.no_grad():
+        last = model.model.diffusion_model.out[-1]
+        last.weight.mul_(factor)
+        last.bias.mul_(factor)
+    assert bool(torch.isfinite(last.weight).all())
+
+
+def test_a_unet_overflow_in_half_precision_is_refused_with_a_clear_message(data_dir):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from modules.api import routes
+    from modules.app.errors import RequestError
+
+    request = GenerationRequest(prompt="a lighthouse", width=64, height=64, steps=3, seed=5)
+    ctx = AppContext.create(Flags(data_dir=data_dir, device="cpu", precision="fp16"))
+    overflow_the_unet(ctx.models.get())
+    with pytest.raises(RequestError, match="overflowed float16.*--no-half"):
+        pipeline.generate(ctx, request, save=True)
+    assert not list(ctx.paths.outputs.rglob("*.png"))  # no black picture saved
+
+    app = FastAPI()
+    routes.install(app, ctx)
+    with TestClient(app) as client:
+        answer = client.post("/sdapi/v1/txt2img", json={"prompt": "a lighthouse", "width": 64, "height": 64, "steps": 3})
+        assert answer.status_code == 422 and "--no-half" in answer.json()["detail"]
+        assert client.get("/sdapi/v1/progress").status_code == 200  # the server goes on
+    assert not list(ctx.paths.outputs.rglob("*.png"))
+
+    # The same weights in float32: the values fit, and the picture is made.
+    ctx32 = AppContext.create(Flags(data_dir=data_dir, device="cpu", precision="fp32"))
+    overflow_the_unet(ctx32.models.get())
+    result = pipeline.generate(ctx32, request, save=True)
+    assert len(result.paths) == 1 and result.paths[0].is_file()
+
+
+def test_nan_weights_in_float32_are_named_as_the_weights_fault(data_dir):
+    from modules.app.errors import RequestError
+
+    ctx = AppContext.create(Flags(data_dir=data_dir, device="cpu", precision="fp32"))
+    with torch.no_grad():
+        ctx.models.get().model.diffusion_model.out[-1].bias.fill_(float("nan"))
+    with pytest.raises(RequestError, match="float32.*LoRA"):
+        pipeline.generate(ctx, GenerationRequest(prompt="a lighthouse", width=64, height=64, steps=2, seed=1), save=False)

@@ -84,6 +84,21 @@ def check_refiner(sd_model, refiner_model) -> None:
         raise RequestError(f"the refiner {name} is an inpainting model; use it with an inpainting checkpoint")
 
 
+def check_finite(sd_model, latents: torch.Tensor) -> None:
+    """RequestError when sampling gave NaN or infinite values, which would decode to a black
+    picture. Checked once per pass, since reading the answer waits for the device."""
+    if bool(torch.isfinite(latents).all()):
+        return
+    dtype = next(sd_model.model.parameters()).dtype
+    if dtype == torch.float32:
+        raise RequestError("The UNet gave NaN or infinite values in float32, so this batch's pictures would be black and "
+                           "were not saved. The checkpoint's or a LoRA's weights may hold such values: try without "
+                           "the LoRA, or another checkpoint.")
+    raise RequestError(f"The UNet's values overflowed {str(dtype).removeprefix('torch.')} (NaN or infinite), so this "
+                       "batch's pictures would be black and were not saved. Start the server with --no-half to compute "
+                       "in float32 (twice the memory), or try a lower CFG scale.")
+
+
 def _counting_on(callback: Callable[[dict], None], before: int) -> Callable[[dict], None]:
     """The callback of a stage that starts after `before` steps of the pass."""
     return lambda d: callback({**d, "i": d["i"] + before})
@@ -159,6 +174,7 @@ def sample_latents(sd_model, request: GenerationRequest, seeds: list[int], *, de
                 sampler, guided, x, levels, extra_args=extra_args,
                 callback=on_step, seeds=seeds, noise_source=request.noise_source,
             )
+        check_finite(model, x)
         done += len(levels) - 1
     if init is not None and init.keep is not None:
         x = x * (1 - init.keep) + init.latent * init.keep
