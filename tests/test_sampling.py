@@ -560,3 +560,42 @@ def test_cpu_noise_gives_the_same_image_on_the_gpu(name):
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         on_gpu = generate(tiny_sd_model(seed=0).to("cuda"), name, [7, 8], device="cuda")
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=1e-2, rtol=1e-2)
+
+
+def test_cfg_builds_its_row_indices_once_per_run_not_per_step(tiny, monkeypatch):
+    """A tensor made from a list is, on a GPU, a copy that waits for the device: made at every
+    step it would stall the GPU between steps."""
+    made = []
+    tensor = torch.tensor
+
+    def counted(*args, **kwargs):
+        made.append(args)
+        return tensor(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "tensor", counted)
+    counts = {}
+    for steps in (3, 9):
+        made.clear()
+        generate(tiny, "Euler", [11, 12], steps=steps)
+        counts[steps] = len(made)
+    assert counts[3] == counts[9]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_guided_step_on_the_gpu_never_waits_for_the_device():
+    model = tiny_sd_model(seed=0).to("cuda")
+    cfg = CFGDenoiser(model_denoiser(model))
+    conditioning = tiny_conditioning([1, 2])
+    conditioning = Conditioning(
+        cond=[[(ScheduledCond([(10, c.at(0).cuda())]), w) for c, w in parts] for parts in conditioning.cond],
+        uncond=[ScheduledCond([(10, u.at(0).cuda())]) for u in conditioning.uncond],
+    )
+    x, sigma = torch.randn(2, 4, 8, 8, device="cuda"), torch.full((2,), 3.0, device="cuda")
+    with torch.no_grad():
+        cfg(x, sigma, conditioning=conditioning, cond_scale=7.0)  # the first step makes the indices
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            cfg(x, sigma, conditioning=conditioning, cond_scale=7.0)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

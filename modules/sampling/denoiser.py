@@ -95,6 +95,7 @@ class CFGDenoiser(nn.Module):
         self.step = 0
         self.report_uncond = False
         self.uncond_denoised = None
+        self._indices: dict[tuple, torch.Tensor] = {}
 
     def forward(self, x, sigma, *, conditioning, cond_scale, c_concat=None, init_latent=None, keep=None):
         batch = x.shape[0]
@@ -119,7 +120,7 @@ class CFGDenoiser(nn.Module):
             contexts.extend(u.at(self.step) for u in conditioning.uncond)
             vectors.extend(u.vector_at(self.step) for u in conditioning.uncond)
 
-        index = torch.tensor(rows, device=x.device)
+        index = self._index(rows, x.device)
         out = self._denoise(x[index], sigma[index], contexts, None if c_concat is None else c_concat[index],
                             None if vectors[0] is None else vectors)
 
@@ -140,6 +141,15 @@ class CFGDenoiser(nn.Module):
             self.uncond_denoised = kept(uncond_out)
         return kept(torch.stack(denoised))
 
+    def _index(self, rows: list[int], device: torch.device) -> torch.Tensor:
+        """`rows` as a tensor on `device`, made once per sampling run: a tensor made from a list
+        on a GPU is a copy that waits for the device to finish its queued work, which at every
+        step would leave the GPU idle while the next step is launched."""
+        key = (tuple(rows), device)
+        if key not in self._indices:
+            self._indices[key] = torch.tensor(rows, device=device)
+        return self._indices[key]
+
     def _denoise(self, x, sigma, contexts, c_concat, vectors):
         """Runs the model over all rows, grouping rows whose contexts have the same shape
         (normally all of them) and splitting groups into chunks of at most max_batch rows."""
@@ -151,7 +161,7 @@ class CFGDenoiser(nn.Module):
             size = self.max_batch or len(members)
             for start in range(0, len(members), size):
                 chunk = members[start:start + size]
-                sel = torch.tensor(chunk, device=x.device)
+                sel = self._index(chunk, x.device)
                 context = torch.stack([contexts[r] for r in chunk]).to(x.device)
                 extra = {} if c_concat is None else {"c_concat": c_concat[sel]}
                 if vectors is not None:
