@@ -183,3 +183,69 @@ def test_a_template_line_without_the_name_is_refused(tmp_path, model, dataset):
     ti.create_embedding(model, tmp_path, "zork")
     with pytest.raises(ti.TrainingError, match="needs \\[name\\].*'a plain picture'"):
         ti.train_embedding(model, _options(dataset), embeddings_dir=tmp_path, log_dir=tmp_path)
+
+
+def test_training_puts_each_part_on_the_device_while_it_works(tmp_path, model, dataset):
+    """Under --medvram a part is on the GPU only inside `using(part)`: the pictures are encoded
+    inside the VAE's, and each step's forward and backward passes inside the text encoder's and
+    the UNet's. The parts used change nothing in the result."""
+    import contextlib
+
+    entered, inside = [], set()
+
+    @contextlib.contextmanager
+    def using(part):
+        entered.append(part)
+        inside.add(part)
+        try:
+            yield
+        finally:
+            inside.discard(part)
+
+    encode, forward = model.first_stage_model.encode, model.apply_model
+    seen = []
+    model.first_stage_model.encode = lambda x: (seen.append(("vae", set(inside))), encode(x))[1]
+    model.apply_model = lambda *a, **k: (seen.append(("unet", set(inside))), forward(*a, **k))[1]
+    try:
+        ti.create_embedding(model, tmp_path, "zork", init_text="thing", vectors=2)
+        ti.train_embedding(model, _options(dataset, steps=2, save_every=0, gradient_steps=2), embeddings_dir=tmp_path,
+                           log_dir=tmp_path / "log", using=using)
+    finally:
+        del model.first_stage_model.encode, model.apply_model
+    offloaded, _ = ti.read_embedding(tmp_path / "zork.pt")
+    assert entered == ["vae"] + ["text", "unet"] * 4
+    assert seen == [("vae", {"vae"})] * 3 + [("unet", {"text", "unet"})] * 4
+
+    ti.create_embedding(model, tmp_path, "zork", init_text="thing", vectors=2, overwrite=True)
+    ti.train_embedding(model, _options(dataset, steps=2, save_every=0, gradient_steps=2), embeddings_dir=tmp_path,
+                       log_dir=tmp_path / "log")
+    assert torch.equal(ti.read_embedding(tmp_path / "zork.pt")[0], offloaded)
+
+
+def test_training_under_lowvram_is_refused_with_the_reason(ctx, dataset):
+    import dataclasses
+
+    ctx.models.policy = dataclasses.replace(ctx.models.policy, offload="lowvram")
+    with pytest.raises(ti.TrainingError, match="--lowvram.*--medvram works"):
+        ti.train_in_app(ctx, _options(dataset))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("medvram", [False, True])
+def test_training_on_the_gpu(tmp_path, dataset, medvram):
+    from safetensors.torch import save_file
+
+    from modules.app.config import Flags
+    from modules.context import AppContext
+
+    folder = tmp_path / "models" / "Stable-diffusion"  # the dataset is in tmp_path too, where training may read
+    folder.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tiny_sd_model(seed=5).state_dict().items()}, folder / "tiny.safetensors")
+    ctx = AppContext.create(Flags(data_dir=tmp_path, device="cuda", medvram=medvram))
+    sd_model = ctx.models.get()
+    start = ti.read_embedding(ti.create_embedding(sd_model, ctx.paths.embeddings, "zork", init_text="thing", vectors=2))[0]
+    result = ti.train_in_app(ctx, _options(dataset, steps=4, save_every=0))
+    after, step = ti.read_embedding(result.path)
+    assert step == 4 and result.loss is not None and torch.isfinite(after).all() and not torch.equal(after, start)
+    assert next(sd_model.model.parameters()).device.type == ("cpu" if medvram else "cuda")

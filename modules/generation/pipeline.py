@@ -52,7 +52,8 @@ def latents_to_images(sd_model, latents: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(np.ascontiguousarray(p.permute(1, 2, 0).cpu().numpy())) for p in pixels]
 
 
-def _no_offload(part: str):
+def no_offload(part: str):
+    """The `using` of a model whose parts all stay on the device."""
     return contextlib.nullcontext()
 
 
@@ -105,7 +106,7 @@ def _counting_on(callback: Callable[[dict], None], before: int) -> Callable[[dic
 
 
 def sample_latents(sd_model, request: GenerationRequest, seeds: list[int], *, device=None,
-                   using: Callable[[str], contextlib.AbstractContextManager] = _no_offload,
+                   using: Callable[[str], contextlib.AbstractContextManager] = no_offload,
                    callback: Callable[[dict], None] | None = None, embeddings=None,
                    init: img2img.InitLatent | None = None, image_conditioning: torch.Tensor | None = None,
                    refiner: Refiner | None = None, variation: Variation | None = None) -> torch.Tensor:

@@ -13,6 +13,7 @@ the file, and training an embedding that has steps continues from there.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import random
@@ -211,8 +212,12 @@ def find_embedding(folder: Path, name: str) -> Path:
 
 def train_embedding(sd_model, options: TrainingOptions, *, embeddings_dir: Path, log_dir: Path,
                     job: Job | None = None, checkpoint_hash: str | None = None, checkpoint_name: str | None = None,
-                    preview: Callable[[str, int], Image.Image] | None = None) -> TrainingResult:
-    """Trains the embedding file in `embeddings_dir` from its saved step to `options.steps`.
+                    preview: Callable[[str, int], Image.Image] | None = None,
+                    using: Callable[[str], contextlib.AbstractContextManager] = pipeline.no_offload,
+                    device: torch.device | None = None) -> TrainingResult:
+    """Trains the embedding file in `embeddings_dir` from its saved step to `options.steps`, on
+    `device` (None: where the text encoder is), with `using(part)` putting each part of the
+    model there while it works (offload modes, as in pipeline.sample_latents).
 
     Copies of the embedding every `save_every` steps and previews every `preview_every` steps
     go to `log_dir/<date>/<name>/`. `preview(prompt, step)` draws a picture with the embedding
@@ -230,14 +235,15 @@ def train_embedding(sd_model, options: TrainingOptions, *, embeddings_dir: Path,
     if missing := [line for line in templates if "[name]" not in line]:
         raise TrainingError(f"every line of the prompt template {Path(options.template).name} needs [name], or the "
                             f"embedding learns nothing from it; this one has none: {missing[0]!r}")
-    pictures = ti_dataset.load_pictures(sd_model, options.dataset, size=options.size,
-                                        latent_sampling=options.latent_sampling, seed=options.seed)
+    with using("vae"):
+        pictures = ti_dataset.load_pictures(sd_model, options.dataset, size=options.size,
+                                            latent_sampling=options.latent_sampling, seed=options.seed)
     schedule = parse_schedule(options.learn_rate)
     last_step = min(options.steps, schedule.end_step or options.steps)
     out_dir = Path(log_dir) / date.today().isoformat() / options.embedding
     info = {"checkpoint_hash": checkpoint_hash, "checkpoint_name": checkpoint_name}
 
-    device = table.weight.device
+    device = device or table.weight.device
     vectors = torch.nn.Parameter(initial.to(device, torch.float32))
     optimizer = torch.optim.AdamW([vectors], lr=schedule.rate(step + 1) or 0.0, weight_decay=0.0)
     # Random choices follow from the seed and the starting step: the same run twice gives the same vectors.
@@ -275,11 +281,14 @@ def train_embedding(sd_model, options: TrainingOptions, *, embeddings_dir: Path,
             t = torch.randint(0, len(alphas), (len(batch),), generator=generator)
             alpha_bar = alphas[t].view(-1, 1, 1, 1)
             x_t = noised(x0, noise, alpha_bar)
-            context = encode_with_vectors(sd_model, list(rows), list(slots), vectors, options.clip_skip)
-            model_dtype = next(sd_model.model.parameters()).dtype
-            prediction = sd_model.apply_model(x_t.to(device, model_dtype), t.to(device).float(), context.to(model_dtype))
-            loss = F.mse_loss(prediction.float(), diffusion_target(sd_model.prediction, x0, noise, alpha_bar).to(device))
-            (loss / options.gradient_steps).backward()
+            # Both parts stay on the device until the backward pass, which goes through them; the
+            # previews between steps use (and offload) them too, so they are taken step by step.
+            with using("text"), using("unet"):
+                context = encode_with_vectors(sd_model, list(rows), list(slots), vectors, options.clip_skip)
+                model_dtype = next(sd_model.model.parameters()).dtype
+                prediction = sd_model.apply_model(x_t.to(device, model_dtype), t.to(device).float(), context.to(model_dtype))
+                loss = F.mse_loss(prediction.float(), diffusion_target(sd_model.prediction, x0, noise, alpha_bar).to(device))
+                (loss / options.gradient_steps).backward()
             total += loss.item() / options.gradient_steps
         if not math.isfinite(total):
             raise TrainingError(f"the loss became {total} at step {step + 1}; lower the learning rate")
@@ -337,6 +346,9 @@ def train_in_app(ctx, options: TrainingOptions, checkpoint: str | None = None, j
     them, with the embedding as just saved, at the training size and a fixed seed so they can be
     compared. The dataset folder must lie under the data folder or an --allowed-path one."""
     options = replace(options, dataset=ctx.paths.server_folder(options.dataset, "dataset directory"))
+    if ctx.models.policy.offload == "lowvram":
+        raise TrainingError("training an embedding needs the whole UNet on the GPU for the backward pass, which "
+                            "--lowvram does not keep there; restart without --lowvram (--medvram works)")
     sd_model = ctx.models.get(checkpoint)
     info = sd_model.checkpoint
 
@@ -348,4 +360,5 @@ def train_in_app(ctx, options: TrainingOptions, checkpoint: str | None = None, j
     with torch.inference_mode(False), torch.enable_grad():
         return train_embedding(sd_model, options, embeddings_dir=ctx.paths.embeddings, log_dir=ctx.paths.textual_inversion,
                                job=job, checkpoint_hash=ctx.models.hash_of(info), checkpoint_name=info.name,
-                               preview=preview)
+                               preview=preview, using=lambda part: ctx.models.using(sd_model, part),
+                               device=ctx.models.policy.device)

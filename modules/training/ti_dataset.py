@@ -96,16 +96,16 @@ def image_files(folder: Path) -> list[Path]:
 
 
 @torch.no_grad()
-def load_pictures(sd_model, folder: Path, *, size: int, latent_sampling: str = "once",
-                  seed: int = 0, device: torch.device | None = None) -> list[Picture]:
-    """Every image of the folder, encoded; unreadable images stop loading with their name."""
+def load_pictures(sd_model, folder: Path, *, size: int, latent_sampling: str = "once", seed: int = 0) -> list[Picture]:
+    """Every image of the folder, encoded on the VAE's device (its latents kept on the CPU);
+    unreadable images stop loading with their name."""
     if latent_sampling not in LATENT_SAMPLING:
         raise DatasetError(f"latent sampling method must be one of {', '.join(LATENT_SAMPLING)}, got {latent_sampling!r}")
     if size % sd_model.downscale:
         raise DatasetError(f"the training size {size} must be a multiple of {sd_model.downscale}")
-    device = device or torch.device("cpu")
     vae = sd_model.first_stage_model
-    dtype = next(vae.parameters()).dtype
+    weight = next(vae.parameters())
+    device, dtype = weight.device, weight.dtype
     generator = torch.Generator().manual_seed(seed)
     pictures = []
     for path in image_files(folder):
