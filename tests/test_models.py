@@ -231,3 +231,22 @@ def test_latent_sides_that_do_not_halve_evenly_keep_their_size(side):
     with torch.no_grad():
         out = unet(x, torch.tensor([500.0]), torch.randn(1, 77, 32))
     assert out.shape == x.shape and bool(torch.isfinite(out).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_group_norms_gather_float32_statistics(dtype):
+    """The UNet and VAE use plain nn.GroupNorm in every precision, on the grounds that PyTorch
+    gathers a half-precision input's statistics in float32 itself: its output must match a norm
+    computed wholly in float32 to within the half type's last bit, over a large feature map whose
+    mean is far from 0 (where statistics gathered in half precision would be far off)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 320, 64, 64, generator=g) * 30 + 200
+    norm = torch.nn.GroupNorm(32, 320, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(320, generator=g))
+        norm.bias.copy_(torch.randn(320, generator=g))
+        x = x.to(dtype)
+        half = norm(x)
+        reference = torch.nn.functional.group_norm(x.float(), 32, norm.weight.float(), norm.bias.float(), 1e-5).to(dtype)
+    ulp = torch.finfo(dtype).eps * reference.float().abs().clamp(min=1)
+    assert bool(((half.float() - reference.float()).abs() <= ulp).all())

@@ -12,11 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modules.models.unet import GroupNorm32
-
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
-    return GroupNorm32(groups, channels, eps=1e-6)
+    return nn.GroupNorm(groups, channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
