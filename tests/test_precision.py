@@ -165,3 +165,27 @@ def test_nan_weights_in_float32_are_named_as_the_weights_fault(data_dir):
         ctx.models.get().model.diffusion_model.out[-1].bias.fill_(float("nan"))
     with pytest.raises(RequestError, match="float32.*LoRA"):
         pipeline.generate(ctx, GenerationRequest(prompt="a lighthouse", width=64, height=64, steps=2, seed=1), save=False)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_both_half_precision_fallbacks(data_dir, device):
+    """In float16: a UNet overflow stops the job with its message, and a VAE overflow decodes
+    again in float32 and gives a picture."""
+    from modules.app.errors import RequestError
+
+    request = GenerationRequest(prompt="a lighthouse", width=64, height=64, steps=3, seed=5)
+    ctx = AppContext.create(Flags(data_dir=data_dir, device=device, precision="fp16"))
+    assert ctx.models.policy.dtype == torch.float16
+    model = ctx.models.get()
+    overflow_the_unet(model)
+    with pytest.raises(RequestError, match="overflowed float16.*--no-half"):
+        pipeline.generate(ctx, request, save=False)
+    overflow_the_unet(model, 1e-4)  # back to the checkpoint's values
+
+    decoder = model.first_stage_model.decoder
+    with torch.no_grad():
+        decoder.conv_in.weight.mul_(1e4)
+        decoder.conv_in.bias.mul_(1e4)
+    picture = np.asarray(pipeline.generate(ctx, request, save=False).images[0])
+    assert model.first_stage_model.dtype == torch.float32 and picture.std() > 0
