@@ -26,6 +26,7 @@ class Flags:
     no_half_vae: bool = False
     medvram: bool = False
     lowvram: bool = False
+    compile: bool = False  # torch.compile the UNet (modules/models/memory.py's place)
     api: bool = True
     api_server_stop: bool = False  # POST /sdapi/v1/server-stop, -restart and -kill may end the server
     threads: int | None = None
@@ -51,8 +52,12 @@ def parse_flags(argv: list[str] | None = None) -> Flags:
                    help="the weights' precision; auto: fp16 on a GPU, bf16 on a CPU that computes it fast, else fp32")
     p.add_argument("--no-half", action="store_true", help="float32 everywhere, whatever --precision says")
     p.add_argument("--no-half-vae", action="store_true", help="keep the VAE in float32")
-    p.add_argument("--medvram", action="store_true", help="keep only the part in use on the GPU")
+    p.add_argument("--medvram", action="store_true",
+                   help="keep only the part in use, and the next one while it loads, on the GPU")
     p.add_argument("--lowvram", action="store_true", help="move the UNet to the GPU block by block")
+    p.add_argument("--compile", action="store_true",
+                   help="compile the UNet with torch.compile for faster steps; the first picture of each new size "
+                        "(and batch size) is slow while it compiles, later ones of that size reuse the compiled code")
     p.add_argument("--nowebui-api-off", dest="api", action="store_false", help="do not serve /sdapi/v1")
     p.add_argument("--api-server-stop", action="store_true", help="let /sdapi/v1/server-stop, -restart and -kill end the server")
     p.add_argument("--threads", type=int, help="CPU threads for torch")
@@ -89,6 +94,7 @@ def parse_flags(argv: list[str] | None = None) -> Flags:
         no_half_vae=a.no_half_vae,
         medvram=a.medvram,
         lowvram=a.lowvram,
+        compile=a.compile,
         api=a.api,
         api_server_stop=a.api_server_stop,
         threads=a.threads,

@@ -1,7 +1,10 @@
 """ModelManager: which checkpoint is loaded, on which device, in which precision, and what is offloaded.
 
 Offload modes move weights with forward hooks registered on the model's own submodules (PyTorch's
-public hook API), so the model code knows nothing about where its weights live.
+public hook API), so the model code knows nothing about where its weights live. A WeightMover does
+the moving: on a CUDA device each offloaded tensor has a page-locked home in CPU memory, uploads run
+on a side stream so that the next part (medvram) or UNet block (lowvram) loads while the current
+one computes, and eviction copies nothing back, since weights do not change while on the device.
 """
 
 from __future__ import annotations
@@ -9,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from modules.app.config import Flags, Paths
 from modules.models import loader
@@ -77,6 +82,7 @@ class DevicePolicy:
     vae_dtype: torch.dtype
     offload: str  # "none" | "medvram" | "lowvram"
     reason: str = ""  # why this precision, for the console and the Settings tab
+    compile: bool = False  # torch.compile the UNet (--compile)
 
     @classmethod
     def from_flags(cls, flags: Flags, fast_bf16: Callable[[], bool] = cpu_has_fast_bf16) -> "DevicePolicy":
@@ -94,13 +100,23 @@ class DevicePolicy:
         dtype = DTYPES[precision]
         vae_dtype = torch.float32 if flags.no_half_vae else dtype
         offload = "lowvram" if flags.lowvram and on_gpu else "medvram" if flags.medvram and on_gpu else "none"
+        if flags.compile and offload == "lowvram":
+            # Its hooks move blocks between the devices in the middle of the UNet's forward, which
+            # a compiled graph can neither contain nor skip.
+            raise SystemExit("--compile does not go with --lowvram, which moves the UNet to the GPU block by block "
+                             "during each step: leave one of them out (--medvram works with --compile)")
         vae = " (VAE float32: --no-half-vae)" if flags.no_half_vae and dtype != torch.float32 else ""
-        return cls(device, dtype, vae_dtype, offload, f"{str(dtype).removeprefix('torch.')} on {device}{vae}: {why}")
+        return cls(device, dtype, vae_dtype, offload, f"{str(dtype).removeprefix('torch.')} on {device}{vae}: {why}",
+                   compile=flags.compile)
 
     @property
     def channels_last(self) -> bool:
-        """Convolution weights in channels-last order: oneDNN's bfloat16 convolutions on a CPU run
-        faster so (bench/cpu_speed.py measures it on the VAE decode)."""
+        """Convolution weights in channels-last order where convolutions run faster so: oneDNN's
+        bfloat16 ones on a CPU (bench/cpu_speed.py measures it on the VAE decode), and cuDNN's
+        half-precision ones on a GPU, whose tensor cores work in NHWC and would otherwise have
+        every feature map transposed around each convolution."""
+        if self.device.type == "cuda":
+            return self.dtype in (torch.float16, torch.bfloat16)
         return self.device.type == "cpu" and self.dtype == torch.bfloat16
 
     @property
@@ -112,8 +128,9 @@ class DevicePolicy:
 
 def place(model, policy: DevicePolicy):
     """Puts a freshly loaded model in the policy's precision, and on its device unless offloading
-    keeps it on the CPU. Files keep the dtype they were saved in (the built-in model is fp16),
-    whatever the machine computes fast."""
+    keeps it on the CPU (then in page-locked memory on a CUDA machine, with lowvram's hooks on the
+    UNet's blocks); compiles the UNet under --compile. Files keep the dtype they were saved in
+    (the built-in model is fp16), whatever the machine computes fast."""
     # The networks only: the noise schedule (alphas_cumprod) stays float32, since its values near
     # 1 round to 1 in bfloat16 and the lowest noise levels would become 0.
     model.model.to(dtype=policy.dtype)
@@ -124,6 +141,20 @@ def place(model, policy: DevicePolicy):
         model.first_stage_model.to(memory_format=torch.channels_last)
     if policy.offload == "none":
         model.to(policy.device)
+    elif policy.device.type == "cuda":
+        for attribute in PARTS.values():
+            pin_homes(getattr(model, attribute))
+    if policy.offload == "lowvram":
+        stream_blocks(model.model.diffusion_model, policy.device)
+    if policy.compile:
+        # In place, so that the state_dict keys stay the checkpoint's, and with the parameters as
+        # graph inputs (torch's default), so that LoRA's and medvram's swapped weight tensors run
+        # in the same graph. One graph per input size (dynamic=False), kept by torch for later
+        # requests of that size. The default mode, without CUDA graphs: a CUDA graph replays
+        # fixed addresses, which medvram's uploads and LoRA's weights change at every job, and its
+        # outputs are overwritten by the next replay while the sampler still holds them.
+        # max-autotune would time kernel variants for minutes at each new size.
+        model.model.diffusion_model.compile(dynamic=False)
     return model
 
 
@@ -132,6 +163,221 @@ PARTS = {
     "unet": "model",
     "vae": "first_stage_model",
 }
+# The order the pipeline uses a model's parts in, one pass at a time: medvram uploads the next part
+# while the current one works. Not vae -> text: a job may end with the decode, and medvram leaves
+# nothing on the GPU between jobs.
+NEXT_PART = {"text": "unet", "unet": "vae"}
+
+PIN_SLAB_BYTES = 64 << 20  # page-locked memory is taken in slabs that tensors share (see pin_homes)
+PIN_ALIGN = 256
+# Lowvram moves the UNet's top-level blocks one at a time, and the children of a block larger than
+# this: SDXL's 1280-channel blocks hold 10 transformer layers (about 0.7 GB in fp16), its layers
+# about 70 MB each.
+LOWVRAM_UNIT_BYTES = 128 << 20
+
+
+def _tensor_slots(module: nn.Module) -> Iterator[tuple[nn.Module, str, torch.Tensor, bool]]:
+    """(owning module, name, tensor, is a parameter) for every parameter and buffer of `module`,
+    a parameter shared by several modules once."""
+    seen = set()
+    for owner in module.modules():
+        for name, param in owner.named_parameters(recurse=False):
+            if id(param) not in seen:
+                seen.add(id(param))
+                yield owner, name, param, True
+        for name, buffer in owner.named_buffers(recurse=False):
+            yield owner, name, buffer, False
+
+
+def _point(owner: nn.Module, name: str, is_param: bool, value: torch.Tensor) -> None:
+    """Makes owner.name hold `value`: a parameter keeps its object (LoRA, compiled graphs and
+    hooks know it by that), a buffer is replaced as Module.to replaces it."""
+    if is_param:
+        getattr(owner, name).data = value
+    else:
+        setattr(owner, name, value)
+
+
+def _bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for _, _, t, _ in _tensor_slots(module))
+
+
+def pin_homes(module: nn.Module) -> None:
+    """Moves `module`'s CPU tensors into page-locked memory, which the GPU copies from without
+    the driver's staging copy and without holding up the CPU. Slabs of PIN_SLAB_BYTES are shared
+    by many tensors, since torch's pinned allocator rounds each allocation up to a power of two.
+    Where the system refuses to lock more memory, the rest stays pageable: slower copies, same
+    results."""
+    slab, free = None, 0
+    try:
+        for owner, name, tensor, is_param in _tensor_slots(module):
+            if tensor.device.type != "cpu" or tensor.is_pinned():
+                continue
+            size = tensor.numel() * tensor.element_size()
+            stride = torch.empty_like(tensor, device="meta").stride()  # channels-last weights stay so
+            if size > PIN_SLAB_BYTES:
+                home = torch.empty_strided(tensor.shape, stride, dtype=tensor.dtype, pin_memory=True)
+            else:
+                if slab is None or size > free:
+                    slab, free = torch.empty(PIN_SLAB_BYTES, dtype=torch.uint8, pin_memory=True), PIN_SLAB_BYTES
+                start = PIN_SLAB_BYTES - free
+                home = slab[start:start + size].view(tensor.dtype).as_strided(tensor.shape, stride)
+                free = max(free - -(-size // PIN_ALIGN) * PIN_ALIGN, 0)
+            home.copy_(tensor)
+            _point(owner, name, is_param, home)
+    except RuntimeError as e:
+        log.warning("Could not page-lock more memory for offloaded weights (%s); the rest are copied to the GPU "
+                    "from ordinary memory, which is slower.", e)
+
+
+@dataclass
+class _Slot:
+    owner: nn.Module
+    name: str
+    is_param: bool
+    home: torch.Tensor  # on the CPU
+    copy: torch.Tensor  # on the device
+
+    def current(self) -> torch.Tensor:
+        return getattr(self.owner, self.name)
+
+
+@dataclass
+class _Upload:
+    slots: list[_Slot]
+    done: torch.cuda.Event | None  # recorded after the copies; None where they were synchronous
+
+
+class WeightMover:
+    """Moves modules' weights to the device and back for the offload modes. upload() starts the
+    copy, ready() makes the compute stream wait for it (uploading first if needed), evict() points
+    the module back at its CPU tensors. Keyed by module, weakly: an unloaded model is not kept.
+
+    On a CUDA device the copies run on a side stream. Their memory is taken on the compute
+    stream, as every tensor's is, so that it returns there when evicted; the side stream starts
+    after the work queued so far on the compute stream, which may still be reading that memory
+    from an earlier owner, and the work queued after it (the current part or block) runs beside
+    the copy. On other devices (the CPU standing in for a GPU in tests) copies are synchronous."""
+
+    def __init__(self, device: torch.device):
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # tensors say "cuda:0", never "cuda"
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self._uploads: weakref.WeakKeyDictionary[nn.Module, _Upload] = weakref.WeakKeyDictionary()
+
+    @property
+    def resident(self) -> list[nn.Module]:
+        """The modules uploaded and not evicted."""
+        return list(self._uploads)
+
+    def upload(self, module: nn.Module) -> None:
+        if module in self._uploads:
+            return
+        slots = [_Slot(owner, name, is_param, tensor.data, torch.empty_like(tensor.data, device=self.device))
+                 for owner, name, tensor, is_param in _tensor_slots(module) if tensor.device != self.device]
+        done = None
+        if self._stream is not None and slots:
+            self._stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(self._stream):
+                for slot in slots:
+                    slot.copy.copy_(slot.home, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        else:
+            for slot in slots:
+                slot.copy.copy_(slot.home)
+        for slot in slots:
+            _point(slot.owner, slot.name, slot.is_param, slot.copy)
+        self._uploads[module] = _Upload(slots, done)
+
+    def ready(self, module: nn.Module) -> None:
+        self.upload(module)
+        self._wait(self._uploads[module])
+
+    def evict(self, module: nn.Module) -> None:
+        upload = self._uploads.pop(module, None)
+        if upload is None:
+            return
+        # Also for an upload never used: its memory must not be handed out while the copy writes it.
+        self._wait(upload)
+        for slot in upload.slots:
+            now = slot.current()
+            if now.device != self.device:  # put elsewhere meanwhile: left where it is
+                continue
+            if now.data_ptr() == slot.copy.data_ptr() and now.dtype == slot.copy.dtype and now.shape == slot.copy.shape:
+                home = slot.home
+            else:  # replaced on the device (the VAE put in float32 after a NaN): its new values come back
+                home = torch.empty_like(now, device="cpu", pin_memory=self._stream is not None).copy_(now)
+            _point(slot.owner, slot.name, slot.is_param, home)
+
+    def evict_all(self, keep=()) -> None:
+        for module in self.resident:
+            if module not in keep:
+                self.evict(module)
+
+    def _wait(self, upload: _Upload) -> None:
+        if upload.done is not None:
+            torch.cuda.current_stream(self.device).wait_event(upload.done)
+
+
+def prefetch(mover: WeightMover, module: nn.Module) -> None:
+    """Starts `module`'s upload beside the current work, unless the device has no room for it
+    now: then it uploads when it is needed, after what is there has left."""
+    with contextlib.suppress(torch.OutOfMemoryError):
+        mover.upload(module)
+
+
+def stream_units(unet: nn.Module) -> list[nn.Module]:
+    """The modules lowvram moves to the device one at a time, in the order the UNet holds them:
+    its top-level blocks, and in place of a block over LOWVRAM_UNIT_BYTES that has no weights of
+    its own, its children (whose forwards its own calls, as all blocks of ours do). Lists are
+    always opened, having no forward of their own."""
+    def units(module: nn.Module) -> list[nn.Module]:
+        own = [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+        children = list(module.children())
+        if isinstance(module, nn.ModuleList) or (children and not own and _bytes(module) > LOWVRAM_UNIT_BYTES):
+            return [unit for child in children for unit in units(child)]
+        return [module]
+
+    return [unit for child in unet.children() for unit in units(child)]
+
+
+def stream_blocks(unet: nn.Module, device: torch.device) -> list[nn.Module]:
+    """Lowvram: each unit of the UNet (stream_units) visits the device only for its own forward,
+    while the unit that ran after it last time is uploaded beside it (the order is learnt in the
+    first forward, which uploads each unit as it comes). After the UNet's forward, also one that
+    raised, nothing of it is left on the device. Returns the units."""
+    mover = WeightMover(device)
+    successor: dict[nn.Module, nn.Module] = {}
+    previous: list[nn.Module | None] = [None]
+
+    # The hooks return None: a hook's return value would replace the module's input or output.
+    def start(unet, args) -> None:
+        previous[0] = None
+
+    def arrive(unit, args) -> None:
+        if previous[0] is not None:
+            successor[previous[0]] = unit
+        previous[0] = unit
+        mover.ready(unit)
+        if unit in successor:
+            prefetch(mover, successor[unit])
+
+    def leave(unit, args, output) -> None:
+        mover.evict(unit)
+
+    def finish(unet, args, output) -> None:
+        mover.evict_all()
+
+    found = stream_units(unet)
+    for unit in found:
+        unit.register_forward_pre_hook(arrive)
+        unit.register_forward_hook(leave, always_call=True)
+    unet.register_forward_pre_hook(start)
+    unet.register_forward_hook(finish, always_call=True)
+    return found
 
 
 class ModelManager:
@@ -148,6 +394,9 @@ class ModelManager:
         self.loads = 0  # checkpoint files read since start, which a scale-out replica reports
         self._header_specs: dict[tuple, ModelSpec | None] = {}  # (path, file version) -> spec_of's answer
         self._lock = threading.Lock()
+        # Offload modes: the parts on the device, and the (model, part) pairs inside `using`, outermost first.
+        self._mover = WeightMover(policy.device) if policy.offload != "none" else None
+        self._in_use: list[tuple[object, str]] = []
 
     # -- listing -------------------------------------------------------------------------------
 
@@ -189,7 +438,8 @@ class ModelManager:
         for info in self.checkpoints():
             if wanted in (info.title, info.path.name, info.name):
                 return info
-        known = ", ".join(c.title for c in self.checkpoints()) or "none: put .safetensors or .ckpt files in models/Stable-diffusion"
+        known = (", ".join(c.title for c in self.checkpoints())
+                 or "none: put .safetensors or .ckpt files in models/Stable-diffusion")
         raise LookupError(f"Checkpoint {name!r} not found. Available: {known}")
 
     def default_checkpoint(self) -> CheckpointInfo | None:
@@ -268,36 +518,45 @@ class ModelManager:
 
     def _place(self, model) -> None:
         place(model, self.policy)
-        if self.policy.offload == "lowvram":
-            self._stream_unet_blocks(model.model.diffusion_model)
 
-    def _stream_unet_blocks(self, unet: torch.nn.Module) -> None:
-        """Lowvram: each top-level UNet block visits the GPU only for its own forward."""
-        device = self.policy.device
-
-        # Both return None: a hook's return value would replace the block's input or output.
-        def arrive(block, args) -> None:
-            block.to(device)
-
-        def leave(block, args, output) -> None:
-            block.to("cpu")
-
-        blocks = [b for child in unet.children() for b in (child if isinstance(child, torch.nn.ModuleList) else [child])]
-        for block in blocks:
-            block.register_forward_pre_hook(arrive)
-            block.register_forward_hook(leave)
+    def _wanted(self, model, part: str) -> set[nn.Module]:
+        """The part's module and, under medvram, the module of the part that follows it."""
+        wanted = {getattr(model, PARTS[part])}
+        if self.policy.offload == "medvram" and part in NEXT_PART:
+            wanted.add(getattr(model, PARTS[NEXT_PART[part]]))
+        return wanted
 
     @contextlib.contextmanager
     def using(self, model, part: str):
-        """Puts one part ("text", "unet", "vae") on the device for the duration, under medvram/lowvram."""
-        policy = self.policy
-        if policy.offload == "none" or (policy.offload == "lowvram" and part == "unet"):
+        """Puts one part ("text", "unet", "vae") on the device for the duration, under medvram and
+        lowvram (whose UNet moves block by block instead). Medvram also uploads the part that
+        follows (text -> unet -> vae) beside this one's work, and keeps it when this one leaves;
+        a part used inside another (the live preview's decode during sampling) keeps the outer
+        one. Other parts leave the device when a part comes in; after the decode nothing stays,
+        after an error only the parts still in use. The weights reach the device unchanged, so
+        the results are the default mode's, bit for bit. Called from the queue's one worker
+        thread."""
+        mover = self._mover
+        if mover is None or (self.policy.offload == "lowvram" and part == "unet"):
             yield
             return
         module = getattr(model, PARTS[part])
-        module.to(policy.device)
+        kept = set().union(*(self._wanted(m, p) for m, p in self._in_use))
+        mover.evict_all(kept | self._wanted(model, part))
+        mover.ready(module)
+        for following in self._wanted(model, part) - {module}:
+            prefetch(mover, following)
+        self._in_use.append((model, part))
         try:
             yield
-        finally:
-            module.to("cpu")
-            torch.cuda.empty_cache()
+        except BaseException:
+            self._in_use.pop()
+            self._leave({getattr(m, PARTS[p]) for m, p in self._in_use})
+            raise
+        self._in_use.pop()
+        self._leave(set().union(*(self._wanted(m, p) for m, p in self._in_use), self._wanted(model, part) - {module}))
+
+    def _leave(self, kept: set[nn.Module]) -> None:
+        self._mover.evict_all(kept)
+        if not self._mover.resident and self.policy.device.type == "cuda":
+            torch.cuda.empty_cache()  # between jobs the GPU's memory is free for other programs
