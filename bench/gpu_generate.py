@@ -5,7 +5,7 @@
 Needs a CUDA device. The checkpoint (random weights, 2.1 GB fp16) is the one bench/load.py writes,
 written once and reused. Each mode builds its own AppContext as `launch.py` would with the
 matching flags (--no-half, --medvram, --lowvram), generates one warm-up picture and then times
-one more (text encoding, sampling and VAE decode included, through modules/pipeline.py). Peak
+one more (text encoding, sampling and VAE decode included, through modules/generation/pipeline.py). Peak
 memory is torch's high-water mark of allocated GPU memory over the timed picture. Ratios are to
 the first mode, fp32 with the whole model on the GPU, measured in the same run.
 """
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("needs a CUDA device")
     if not args.file.is_file():
         print(f"writing {args.file} ...", flush=True)
-        write_random_checkpoint(args.file)
+        write_random_checkpoint(args.file, "SD1")
 
     request = GenerationRequest(prompt="a photograph of a lighthouse at dusk", negative_prompt="blurry",
                                 steps=args.steps, width=args.size, height=args.size, seed=1)
