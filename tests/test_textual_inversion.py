@@ -249,3 +249,17 @@ def test_training_on_the_gpu(tmp_path, dataset, medvram):
     after, step = ti.read_embedding(result.path)
     assert step == 4 and result.loss is not None and torch.isfinite(after).all() and not torch.equal(after, start)
     assert next(sd_model.model.parameters()).device.type == ("cpu" if medvram else "cuda")
+
+
+def test_training_under_medvram_leaves_nothing_on_the_device(ctx, dataset):
+    """Medvram keeps the part after the one in use (a step ends with the UNet, the decode's turn
+    next), so the training job takes everything off the device when it ends."""
+    import dataclasses
+
+    from modules.models.memory import DevicePolicy, ModelManager
+
+    cpu = torch.device("cpu")
+    ctx = dataclasses.replace(ctx, models=ModelManager(ctx.paths, DevicePolicy(cpu, torch.float32, torch.float32, "medvram")))
+    ti.create_embedding(ctx.models.get(), ctx.paths.embeddings, "zork", init_text="thing", vectors=2)
+    result = ti.train_in_app(ctx, _options(dataset, steps=2, save_every=0))
+    assert result.step == 2 and ctx.models._mover.resident == []

@@ -516,6 +516,12 @@ class ModelManager:
         with self._lock:
             self._slots.clear()
 
+    def release(self) -> None:
+        """Under medvram and lowvram, takes every part off the device: for the end of a job that
+        does not end with the decode (training), after which `using` keeps the next part there."""
+        if self._mover is not None:
+            self._leave(set())
+
     def _place(self, model) -> None:
         place(model, self.policy)
 

@@ -357,8 +357,11 @@ def train_in_app(ctx, options: TrainingOptions, checkpoint: str | None = None, j
                                     checkpoint=info.title)
         return pipeline.generate(ctx, request, save=False).images[0]
 
-    with torch.inference_mode(False), torch.enable_grad():
-        return train_embedding(sd_model, options, embeddings_dir=ctx.paths.embeddings, log_dir=ctx.paths.textual_inversion,
-                               job=job, checkpoint_hash=ctx.models.hash_of(info), checkpoint_name=info.name,
-                               preview=preview, using=lambda part: ctx.models.using(sd_model, part),
-                               device=ctx.models.policy.device)
+    try:
+        with torch.inference_mode(False), torch.enable_grad():
+            return train_embedding(sd_model, options, embeddings_dir=ctx.paths.embeddings,
+                                   log_dir=ctx.paths.textual_inversion, job=job, checkpoint_hash=ctx.models.hash_of(info),
+                                   checkpoint_name=info.name, preview=preview,
+                                   using=lambda part: ctx.models.using(sd_model, part), device=ctx.models.policy.device)
+    finally:
+        ctx.models.release()  # medvram would keep the UNet, the last part a step uses, on the GPU
