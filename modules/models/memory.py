@@ -111,12 +111,10 @@ class DevicePolicy:
 
     @property
     def channels_last(self) -> bool:
-        """Convolution weights in channels-last order where convolutions run faster so: oneDNN's
-        bfloat16 ones on a CPU (bench/cpu_speed.py measures it on the VAE decode), and cuDNN's
-        half-precision ones on a GPU, whose tensor cores work in NHWC and would otherwise have
-        every feature map transposed around each convolution."""
-        if self.device.type == "cuda":
-            return self.dtype in (torch.float16, torch.bfloat16)
+        """Convolution weights in channels-last order: oneDNN's bfloat16 convolutions on a CPU run
+        faster so (bench/cpu_speed.py measures it on the VAE decode). Not on a GPU: PyTorch's CUDA
+        group norm gives its output in the plain layout, so each of the UNet's norms would turn
+        the feature map around and the next convolution turn it back."""
         return self.device.type == "cpu" and self.dtype == torch.bfloat16
 
     @property
