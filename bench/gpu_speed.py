@@ -44,16 +44,16 @@ warm-up call each, best of `--repeats`, torch.cuda.synchronize() around each tim
   first picture. The page cache holds the file for both, and the CUDA libraries are warmed first.
   A compiled side's first picture includes compiling.
 
-`--sides` also takes ours-compile (a UNet compiled by torch.compile, where Flags has a `compile`
-field; otherwise skipped, saying so) and diffusers-compile (torch.compile of diffusers' UNet);
-each ours side is compared with the diffusers side of the same mode where there is one, else with
-plain diffusers. Goal: ours at least 1.3x diffusers' it/s on the same card.
+`--sides` also takes ours-compile and ours-compile-graphs (launched with `--compile` and
+`--compile reduce-overhead`, which adds CUDA graphs), and diffusers-compile and
+diffusers-compile-graphs (torch.compile of diffusers' UNet in the same two modes); each ours side
+is compared with the diffusers side of the same mode where there is one, else with plain
+diffusers. Goal: ours at least 1.3x diffusers' it/s on the same card.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import gc
 import json
 import os
@@ -109,11 +109,13 @@ CASES = (
 )
 # bench/load.py's file names, so that its files are reused.
 FILES = {"SD1": "sd15-random-fp16.safetensors", "SDXL": "sdxl-random-fp16.safetensors"}
-SIDES = ("ours", "diffusers", "ours-compile", "diffusers-compile")
+SIDES = ("ours", "diffusers", "ours-compile", "diffusers-compile", "ours-compile-graphs", "diffusers-compile-graphs")
+# A side's torch.compile mode, by the end of its name (launch.py's --compile MODE).
+COMPILE_MODE = {"-compile": "default", "-compile-graphs": "reduce-overhead"}
 
 
-def flags_can_compile() -> bool:
-    return "compile" in {f.name for f in dataclasses.fields(Flags)}
+def compile_mode(side: str) -> str | None:
+    return next((mode for suffix, mode in COMPILE_MODE.items() if side.endswith(suffix)), None)
 
 
 # ---- timing and memory ------------------------------------------------------------------------
@@ -214,10 +216,9 @@ def loop_inputs(case: Case, size: int, steps: int, spec, seed: int = 1) -> LoopI
 class Ours:
     """The web UI as launch.py builds it, on a data folder holding the one checkpoint."""
 
-    def __init__(self, data_dir: Path, checkpoint: str, device: torch.device, precision: str, compile: bool = False):
-        extra = {"compile": True} if compile else {}
+    def __init__(self, data_dir: Path, checkpoint: str, device: torch.device, precision: str, compile: str | None = None):
         self.ctx = AppContext.create(Flags(data_dir=data_dir, ckpt=checkpoint, device=str(device),
-                                           precision=precision, **extra))
+                                           precision=precision, compile=compile))
         self.device = device
         self._model = None
 
@@ -357,10 +358,10 @@ def diffusers_pipeline(path: Path, device: torch.device, dtype: torch.dtype):
 
 
 class Diffusers:
-    def __init__(self, path: Path, device: torch.device, dtype: torch.dtype, compile: bool = False):
+    def __init__(self, path: Path, device: torch.device, dtype: torch.dtype, compile: str | None = None):
         self.pipe = diffusers_pipeline(path, device, dtype)
         if compile:
-            self.pipe.unet = torch.compile(self.pipe.unet)
+            self.pipe.unet = torch.compile(self.pipe.unet, mode=None if compile == "default" else compile)
         self.device, self.dtype = device, dtype
 
     def weight_bytes(self) -> int:
@@ -415,8 +416,8 @@ def checkpoint_file(family: str, tiny: bool, folder: Path) -> Path:
 def make_side(name: str, data_dir: Path, path: Path, device: torch.device, dtype: torch.dtype):
     precision = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}[dtype]
     if name.startswith("ours"):
-        return Ours(data_dir, path.name, device, precision, compile=name == "ours-compile")
-    return Diffusers(path, device, dtype, compile=name == "diffusers-compile")
+        return Ours(data_dir, path.name, device, precision, compile=compile_mode(name))
+    return Diffusers(path, device, dtype, compile=compile_mode(name))
 
 
 def pairs(sides: list[str]) -> list[tuple[str, str]]:
@@ -516,8 +517,6 @@ def print_table(report: dict) -> None:
     for family, seconds in report["model_hash_s"].items():
         print(f"{family}: ours' one-time model hash (sha256 of the file, cached afterwards) {seconds:.2f} s, "
               "not in its first picture")
-    for note in report["notes"]:
-        print(f"note: {note}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -554,18 +553,11 @@ def main(argv: list[str] | None = None) -> dict:
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()  # the disabled safety checker, CPU generators
-    notes = []
-    if "ours-compile" in sides and not flags_can_compile():
-        sides.remove("ours-compile")
-        notes.append("ours-compile skipped: Flags has no `compile` field in this version")
-        if not any(name.startswith("ours") for name in sides):
-            sides.insert(0, "ours")
-            notes.append("plain ours measured in its place")
     report = {
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
         "device": str(device), "dtype": str(dtype).removeprefix("torch."), "torch": torch.__version__,
         "diffusers": diffusers.__version__, "tiny": args.tiny, "steps": steps, "repeats": repeats, "sampler": SAMPLER,
-        "cfg": CFG, "threads": torch.get_num_threads(), "sides": sides, "goal_it_s": GOAL, "notes": notes,
+        "cfg": CFG, "threads": torch.get_num_threads(), "sides": sides, "goal_it_s": GOAL,
         "model_hash_s": {}, "first_picture": {}, "cases": {},
     }
     warm_up_libraries(device, dtype)

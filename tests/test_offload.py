@@ -80,14 +80,20 @@ def test_channels_last_where_convolutions_run_faster_so(monkeypatch):
     assert not DevicePolicy.from_flags(Flags(device="cpu"), fast_bf16=lambda: False).channels_last
 
 
-def test_the_compile_flag_reaches_the_policy_and_refuses_lowvram(monkeypatch):
-    assert parse_flags(["--compile"]).compile and not parse_flags([]).compile
-    assert DevicePolicy.from_flags(Flags(device="cpu", compile=True)).compile
-    assert not DevicePolicy.from_flags(Flags(device="cpu")).compile
+def test_the_compile_flag_reaches_the_policy_and_refuses_what_it_cannot_go_with(monkeypatch, capsys):
+    assert parse_flags(["--compile"]).compile == "default" and parse_flags([]).compile is None
+    assert parse_flags(["--compile", "reduce-overhead"]).compile == "reduce-overhead"
+    with pytest.raises(SystemExit):
+        parse_flags(["--compile", "max-autotune"])
+    assert "invalid choice" in capsys.readouterr().err
+    assert DevicePolicy.from_flags(Flags(device="cpu", compile="default")).compile == "default"
+    assert DevicePolicy.from_flags(Flags(device="cpu")).compile is None
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert DevicePolicy.from_flags(Flags(device="cuda", medvram=True, compile=True)).compile
+    assert DevicePolicy.from_flags(Flags(device="cuda", medvram=True, compile="default")).compile == "default"
     with pytest.raises(SystemExit, match="--compile does not go with --lowvram"):
-        DevicePolicy.from_flags(Flags(device="cuda", lowvram=True, compile=True))
+        DevicePolicy.from_flags(Flags(device="cuda", lowvram=True, compile="default"))
+    with pytest.raises(SystemExit, match="reduce-overhead does not go with --medvram"):
+        DevicePolicy.from_flags(Flags(device="cuda", medvram=True, compile="reduce-overhead"))
 
 
 # -- medvram and lowvram, with the CPU standing in for the GPU -------------------------------------
@@ -198,7 +204,7 @@ def test_a_compiled_unet_gives_the_same_pictures_and_compiles_once_per_size(data
     counters.clear()
     try:
         plain = AppContext.create(Flags(data_dir=data_dir, device="cpu", precision="fp32"))
-        compiled = AppContext.create(Flags(data_dir=data_dir, device="cpu", precision="fp32", compile=True))
+        compiled = AppContext.create(Flags(data_dir=data_dir, device="cpu", precision="fp32", compile="default"))
         request = GenerationRequest(prompt="a kitty", negative_prompt="blurry", steps=3, width=64, height=64, seed=1)
         with torch._inductor.config.patch({"cpp.vec_isa_ok": False}):
             first = pipeline.generate(compiled, request, save=False)
@@ -345,20 +351,21 @@ def test_on_the_gpu_lowvram_makes_an_sdxl_picture_at_1024_px_in_at_most_3_gb(tmp
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_on_the_gpu_a_compiled_unet_gives_the_same_pictures_and_compiles_once_per_size(data_dir):
+@pytest.mark.parametrize("mode, medvram", [("default", True), ("reduce-overhead", False)])
+def test_on_the_gpu_a_compiled_unet_gives_the_same_pictures_and_compiles_once_per_size(data_dir, mode, medvram):
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     try:
         plain = AppContext.create(Flags(data_dir=data_dir, device="cuda"))
-        compiled = AppContext.create(Flags(data_dir=data_dir, device="cuda", compile=True, medvram=True))
+        compiled = AppContext.create(Flags(data_dir=data_dir, device="cuda", compile=mode, medvram=medvram))
         request = GenerationRequest(prompt="a kitty", negative_prompt="blurry", steps=4, width=64, height=64, seed=1)
         first = pipeline.generate(compiled, request, save=False)
         graphs = counters["stats"]["unique_graphs"]
         assert graphs >= 1
         assert np.abs(pixels(first) - pixels(pipeline.generate(plain, request, save=False))).max() <= 4
-        second = pipeline.generate(compiled, request, save=False)  # the UNet uploaded anew (medvram)
+        second = pipeline.generate(compiled, request, save=False)  # under medvram the UNet uploaded anew
         assert counters["stats"]["unique_graphs"] == graphs
         assert second.images[0].tobytes() == first.images[0].tobytes()
         pipeline.generate(compiled, request.replace(width=96), save=False)  # another size: a graph of its own

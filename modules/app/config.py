@@ -14,6 +14,10 @@ from modules.app.fileio import atomic_write_json
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# torch.compile's modes that --compile takes: reduce-overhead adds CUDA graphs.
+COMPILE_MODES = ("default", "reduce-overhead")
+
+
 @dataclass(frozen=True)
 class Flags:
     host: str = "127.0.0.1"
@@ -26,7 +30,7 @@ class Flags:
     no_half_vae: bool = False
     medvram: bool = False
     lowvram: bool = False
-    compile: bool = False  # torch.compile the UNet (modules/models/memory.py's place)
+    compile: str | None = None  # torch.compile's mode for the UNet (COMPILE_MODES); None: not compiled
     api: bool = True
     api_server_stop: bool = False  # POST /sdapi/v1/server-stop, -restart and -kill may end the server
     threads: int | None = None
@@ -55,9 +59,10 @@ def parse_flags(argv: list[str] | None = None) -> Flags:
     p.add_argument("--medvram", action="store_true",
                    help="keep only the part in use, and the next one while it loads, on the GPU")
     p.add_argument("--lowvram", action="store_true", help="move the UNet to the GPU block by block")
-    p.add_argument("--compile", action="store_true",
+    p.add_argument("--compile", nargs="?", const="default", choices=COMPILE_MODES, metavar="MODE",
                    help="compile the UNet with torch.compile for faster steps; the first picture of each new size "
-                        "(and batch size) is slow while it compiles, later ones of that size reuse the compiled code")
+                        "(and batch size) is slow while it compiles, later ones of that size reuse the compiled code. "
+                        "MODE: default, or reduce-overhead (also replays each step as a CUDA graph; not with --medvram)")
     p.add_argument("--nowebui-api-off", dest="api", action="store_false", help="do not serve /sdapi/v1")
     p.add_argument("--api-server-stop", action="store_true", help="let /sdapi/v1/server-stop, -restart and -kill end the server")
     p.add_argument("--threads", type=int, help="CPU threads for torch")

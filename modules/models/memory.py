@@ -82,7 +82,7 @@ class DevicePolicy:
     vae_dtype: torch.dtype
     offload: str  # "none" | "medvram" | "lowvram"
     reason: str = ""  # why this precision, for the console and the Settings tab
-    compile: bool = False  # torch.compile the UNet (--compile)
+    compile: str | None = None  # torch.compile's mode for the UNet (--compile); None: not compiled
 
     @classmethod
     def from_flags(cls, flags: Flags, fast_bf16: Callable[[], bool] = cpu_has_fast_bf16) -> "DevicePolicy":
@@ -105,6 +105,11 @@ class DevicePolicy:
             # a compiled graph can neither contain nor skip.
             raise SystemExit("--compile does not go with --lowvram, which moves the UNet to the GPU block by block "
                              "during each step: leave one of them out (--medvram works with --compile)")
+        if flags.compile == "reduce-overhead" and offload == "medvram":
+            # A CUDA graph replays the weights' addresses it was recorded with; medvram gives the
+            # UNet new ones at every job.
+            raise SystemExit("--compile reduce-overhead does not go with --medvram, which puts the UNet at new "
+                             "addresses in GPU memory at every job: use --compile (default mode) with --medvram")
         vae = " (VAE float32: --no-half-vae)" if flags.no_half_vae and dtype != torch.float32 else ""
         return cls(device, dtype, vae_dtype, offload, f"{str(dtype).removeprefix('torch.')} on {device}{vae}: {why}",
                    compile=flags.compile)
@@ -148,11 +153,12 @@ def place(model, policy: DevicePolicy):
         # In place, so that the state_dict keys stay the checkpoint's, and with the parameters as
         # graph inputs (torch's default), so that LoRA's and medvram's swapped weight tensors run
         # in the same graph. One graph per input size (dynamic=False), kept by torch for later
-        # requests of that size. The default mode, without CUDA graphs: a CUDA graph replays
-        # fixed addresses, which medvram's uploads and LoRA's weights change at every job, and its
-        # outputs are overwritten by the next replay while the sampler still holds them.
-        # max-autotune would time kernel variants for minutes at each new size.
-        model.model.diffusion_model.compile(dynamic=False)
+        # requests of that size. The default mode has no CUDA graphs; reduce-overhead replays each
+        # UNet call as one, which saves launching its kernels one by one (the sampler reads each
+        # call's output before the next call overwrites it), and records it again, without
+        # compiling, when a LoRA swaps weights. max-autotune would time kernel variants for
+        # minutes at each new size.
+        model.model.diffusion_model.compile(dynamic=False, mode=None if policy.compile == "default" else policy.compile)
     return model
 
 
