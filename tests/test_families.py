@@ -324,6 +324,32 @@ def test_sdxl_vae_overflow_in_half_precision_decodes_again_in_float32(caplog):
         assert torch.equal(decoded, model.first_stage_model.decode(latent.half().float() / model.scale_factor).half())
 
 
+def test_under_lowvram_an_overflowing_vae_decodes_in_bfloat16(monkeypatch, caplog):
+    """bfloat16 has float32's range in half the memory: the policy picks it for the fallback
+    where memory is what counts (lowvram on a GPU that computes it)."""
+    from modules.app.config import Flags
+    from modules.models.memory import DevicePolicy
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert DevicePolicy.from_flags(Flags(device="cuda", lowvram=True)).vae_fallback_dtype == torch.bfloat16
+    assert DevicePolicy.from_flags(Flags(device="cuda", medvram=True)).vae_fallback_dtype == torch.float32
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert DevicePolicy.from_flags(Flags(device="cuda", lowvram=True)).vae_fallback_dtype == torch.float32
+
+    model = tiny_family_model("SDXL", seed=0)
+    latent = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        model.first_stage_model.decoder.conv_in.weight.mul_(1e4)
+        model.first_stage_model.decoder.conv_in.bias.mul_(1e4)
+    model.first_stage_model.to(torch.float16)
+    model.vae_fallback_dtype = torch.bfloat16
+    with torch.no_grad(), caplog.at_level(logging.WARNING):
+        decoded = model.decode_first_stage(latent.half())
+    assert decoded.dtype == torch.float16 and bool(torch.isfinite(decoded).all())
+    assert model.first_stage_model.dtype == torch.bfloat16 and "decoding in bfloat16" in caplog.text
+
+
 def test_merging_sdxl_then_loading_the_result(family_ctx):
     path = merger.merge(family_ctx, merger.MergeRequest(primary="xl", secondary="xl-b", multiplier=0.5, name="xl-merged"))
     a, b = (loader.read_state_dict(family_ctx.models.find_checkpoint(n).path)[0] for n in ("xl", "xl-b"))

@@ -97,6 +97,9 @@ class SDModel(nn.Module):
             self.conditioner = Conditioner(encoders)
         self.scale_factor = float(spec.scale_factor)
         self.prediction = spec.prediction
+        # What a float16 VAE that overflows is put in (see decode_first_stage); the device policy
+        # chooses (memory.place).
+        self.vae_fallback_dtype = torch.float32
         if alphas_cumprod is None:
             alphas_cumprod = scaled_linear_alphas_cumprod()
         if spec.ztsnr:
@@ -168,15 +171,20 @@ class SDModel(nn.Module):
         """Scaled latent -> image in (about) [-1, 1], in the latent's dtype.
 
         SDXL's VAE overflows in float16 (black or NaN pictures). When a half-precision decode
-        gives NaN or inf, the VAE is put in float32 for good (the checkpoint's next load follows
-        the policy again) and the latent decoded again, as A1111 does; --no-half-vae starts so."""
+        gives NaN or inf, the VAE is put in `vae_fallback_dtype` (float32; bfloat16, of float32's
+        range in half the memory, where the policy saves memory) for good (the checkpoint's next
+        load follows the policy again) and the latent decoded again, as A1111 does;
+        --no-half-vae starts in float32. A bfloat16 VAE that gives NaN goes to float32."""
         vae = self.first_stage_model
         decoded = vae.decode(latent / self.scale_factor)
         if vae.dtype != torch.float32 and not bool(torch.isfinite(decoded).all()):
-            log.warning("The VAE gave NaN or infinite values in %s; decoding in float32 from now on for this model "
-                        "(start with --no-half-vae to do so from the first picture).", str(vae.dtype).removeprefix("torch."))
-            vae.to(torch.float32)
-            decoded = vae.decode(latent.float() / self.scale_factor)
+            fallback = self.vae_fallback_dtype if vae.dtype == torch.float16 else torch.float32
+            name = str(fallback).removeprefix("torch.")
+            log.warning("The VAE gave NaN or infinite values in %s; decoding in %s from now on for this model "
+                        "(start with --no-half-vae to decode in float32 from the first picture).",
+                        str(vae.dtype).removeprefix("torch."), name)
+            vae.to(fallback)
+            decoded = vae.decode(latent.to(fallback) / self.scale_factor)
         return decoded.to(latent.dtype)
 
     def encode_text(self, tokens: torch.Tensor, clip_skip: int = 1,
