@@ -306,7 +306,7 @@ def diffusers_pipeline(path: Path, device: torch.device, dtype: torch.dtype):
     from safetensors.torch import load_file
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-    from modules.prompting.tokenizer import clip_tokenizer, read_vocabulary
+    from modules.prompting.tokenizer import read_vocabulary
 
     spec = loader.read_spec(path)
     if spec is None or spec.family not in ("SD1", "SDXL"):
@@ -345,13 +345,16 @@ def diffusers_pipeline(path: Path, device: torch.device, dtype: torch.dtype):
 
     scheduler = EulerDiscreteScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                                        beta_schedule="scaled_linear", prediction_type="epsilon", steps_offset=1)
+    # Tokenizers of diffusers' own: a call with padding and truncation leaves them set in the fast
+    # tokenizer's backend, which the web UI's shared tokenizer must not inherit.
+    vocab, merges = read_vocabulary()
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
     if spec.family == "SD1":
-        pipe = StableDiffusionPipeline(text_encoder=encoders[0], tokenizer=clip_tokenizer(), scheduler=scheduler,
+        pipe = StableDiffusionPipeline(text_encoder=encoders[0], tokenizer=tokenizer, scheduler=scheduler,
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False, **parts)
     else:
-        vocab, merges = read_vocabulary()
         tokenizer_2 = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77, pad_token="!")
-        pipe = StableDiffusionXLPipeline(text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=clip_tokenizer(),
+        pipe = StableDiffusionXLPipeline(text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tokenizer,
                                          tokenizer_2=tokenizer_2, scheduler=scheduler, add_watermarker=False, **parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
