@@ -259,7 +259,6 @@ def test_on_the_gpu_the_offload_modes_give_the_default_pictures_bit_for_bit(tmp_
     pictures = {}
     for mode in ("default", "medvram", "lowvram"):
         ctx = AppContext.create(Flags(data_dir=tmp_path, device="cuda", medvram=mode == "medvram", lowvram=mode == "lowvram"))
-        assert ctx.models.policy.channels_last
         pictures[mode] = pipeline.generate(ctx, request, save=False).images[0].tobytes()
         again = pipeline.generate(ctx, request, save=False)  # lowvram's second pass uploads the next block beside
         assert again.images[0].tobytes() == pictures[mode]
