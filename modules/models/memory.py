@@ -491,7 +491,7 @@ class ModelManager:
                     spec = model.spec
                     log.info("Loaded %s: %s, predicts %s, %d px%s", info.title, spec.family, spec.prediction,
                              spec.resolution, ", zero-terminal-SNR schedule" if spec.ztsnr else "")
-                    self._place(model)
+                    place(model, self.policy)
                     model.checkpoint = info
                     model.vae_file = vae
                 self._slots[slot] = (key, model)
@@ -536,9 +536,6 @@ class ModelManager:
         if self._mover is not None:
             self._leave(set())
 
-    def _place(self, model) -> None:
-        place(model, self.policy)
-
     def _wanted(self, model, part: str) -> set[nn.Module]:
         """The part's module and, under medvram, the module of the part that follows it."""
         wanted = {getattr(model, PARTS[part])}
@@ -561,8 +558,7 @@ class ModelManager:
             yield
             return
         module = getattr(model, PARTS[part])
-        kept = set().union(*(self._wanted(m, p) for m, p in self._in_use))
-        mover.evict_all(kept | self._wanted(model, part))
+        mover.evict_all(self._held() | self._wanted(model, part))
         mover.ready(module)
         for following in self._wanted(model, part) - {module}:
             prefetch(mover, following)
@@ -574,7 +570,11 @@ class ModelManager:
             self._leave({getattr(m, PARTS[p]) for m, p in self._in_use})
             raise
         self._in_use.pop()
-        self._leave(set().union(*(self._wanted(m, p) for m, p in self._in_use), self._wanted(model, part) - {module}))
+        self._leave(self._held() | (self._wanted(model, part) - {module}))
+
+    def _held(self) -> set[nn.Module]:
+        """What the parts in use keep on the device: each one and, under medvram, the next."""
+        return set().union(*(self._wanted(m, p) for m, p in self._in_use))
 
     def _leave(self, kept: set[nn.Module]) -> None:
         self._mover.evict_all(kept)
