@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import collections
 import sys
-import warnings
 from pathlib import Path
 
 import torch
@@ -27,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from modules.models.detect import full_size_spec  # noqa: E402
 from modules.models.unet import UNetModel  # noqa: E402
-from tests.reference_models import SD_VAE_KWARGS, original_config  # noqa: E402
+from tests.reference_models import diffusers_unet_config  # noqa: E402
 
 FAMILIES = {"sd1": ("SD1", "SD 1.5", 64), "sd2": ("SD2", "SD 2.1", 96), "sdxl": ("SDXL", "SDXL base", 128)}
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -72,7 +71,6 @@ class FusedAttention(TorchFunctionMode):
 
 def models(family: str, dtype: torch.dtype, channels_last: bool):
     from diffusers import UNet2DConditionModel
-    from diffusers.loaders import single_file_utils as sfu
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()  # its advice on casting loaded models does not apply here
@@ -80,12 +78,7 @@ def models(family: str, dtype: torch.dtype, channels_last: bool):
     spec = full_size_spec(family)
     with torch.device("meta"):
         ours = UNetModel(**spec.unet)
-    keys = {"model.diffusion_model." + k: v for k, v in ours.state_dict().items()}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # deprecation notes about image_size, irrelevant here
-        config = sfu.create_unet_diffusers_config_from_ldm(original_config(spec.unet, SD_VAE_KWARGS), keys, image_size=256)
-    with torch.device("meta"):
-        theirs = UNet2DConditionModel(**config)
+        theirs = UNet2DConditionModel(**diffusers_unet_config(spec.unet, ours))
     memory = torch.channels_last if channels_last else torch.contiguous_format
     return spec, ours.to(dtype=dtype, memory_format=memory), theirs.to(dtype=dtype, memory_format=memory)
 

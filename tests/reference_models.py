@@ -52,18 +52,25 @@ def _assigned(model_class, config: dict, converted: dict[str, torch.Tensor]):
     return model.eval()
 
 
-def diffusers_unet(unet_kwargs: dict, unet: torch.nn.Module, vae_kwargs: dict = SD_VAE_KWARGS):
-    """A diffusers UNet2DConditionModel holding `unet`'s weights (`unet_kwargs` built it)."""
-    from diffusers import UNet2DConditionModel
+def diffusers_unet_config(unet_kwargs: dict, unet: torch.nn.Module, vae_kwargs: dict = SD_VAE_KWARGS) -> dict:
+    """The UNet2DConditionModel config diffusers' single-file loading makes for `unet` (built by
+    `unet_kwargs`; on the meta device too, as only its keys and shapes are read)."""
     from diffusers.loaders import single_file_utils as sfu
 
     checkpoint = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # deprecation notes about image_size, irrelevant here
-        config = sfu.create_unet_diffusers_config_from_ldm(
-            original_config(unet_kwargs, vae_kwargs), checkpoint, image_size=256
-        )
-        converted = sfu.convert_ldm_unet_checkpoint(checkpoint, config)
+        return sfu.create_unet_diffusers_config_from_ldm(original_config(unet_kwargs, vae_kwargs), checkpoint, image_size=256)
+
+
+def diffusers_unet(unet_kwargs: dict, unet: torch.nn.Module, vae_kwargs: dict = SD_VAE_KWARGS):
+    """A diffusers UNet2DConditionModel holding `unet`'s weights (`unet_kwargs` built it)."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.loaders import single_file_utils as sfu
+
+    config = diffusers_unet_config(unet_kwargs, unet, vae_kwargs)
+    checkpoint = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
+    converted = sfu.convert_ldm_unet_checkpoint(checkpoint, config)
     return _assigned(UNet2DConditionModel, config, converted)
 
 
